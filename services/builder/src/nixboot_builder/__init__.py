@@ -1,0 +1,1 @@
+"""nixboot builder: Nix builds of each machine's generations."""

@@ -1,0 +1,1 @@
+"""nixboot cache: Nix binary cache and boot files over HTTP."""

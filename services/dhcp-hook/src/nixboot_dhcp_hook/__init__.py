@@ -1,0 +1,1 @@
+"""nixboot DHCP hook: lease events from dnsmasq, Kea and ISC dhcpd."""

@@ -1,0 +1,1 @@
+"""nixboot TFTP service: boot programs and just-in-time menus."""

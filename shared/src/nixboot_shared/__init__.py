@@ -1,0 +1,1 @@
+"""nixboot shared: event schemas, subjects, config, NATS and metrics helpers."""

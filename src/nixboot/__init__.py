@@ -1,0 +1,1 @@
+"""nixboot: network boot for fleets of NixOS machines."""
