@@ -1,0 +1,167 @@
+"""NATS plumbing every service shares: connect, bootstrap streams and buckets, publish, consume."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+from nixboot_shared import events, metrics, subjects
+
+log = logging.getLogger(__name__)
+
+# Dedupe window for Nats-Msg-Id: long enough to cover a service's retries after a NATS restart.
+DUPLICATE_WINDOW_SECONDS = 600.0
+
+
+async def connect(url: str, name: str, credentials_file: str = "") -> Client:
+    """Connect with endless reconnects: services outlive NATS restarts and keep their state."""
+
+    async def on_error(e: Exception) -> None:
+        log.warning("nats: %s", e)
+
+    async def on_disconnect() -> None:
+        log.warning("nats: disconnected from %s", url)
+
+    async def on_reconnect() -> None:
+        log.info("nats: reconnected")
+
+    opts: dict[str, Any] = {}
+    if credentials_file:
+        opts["user_credentials"] = credentials_file
+    return await nats.connect(
+        servers=[u.strip() for u in url.split(",") if u.strip()],
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        **opts,
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        # Exists with another config (e.g. created by an older version): bring it up to date.
+        await js.update_stream(config)
+
+
+async def bootstrap(js: JetStreamContext, replicas: int = 1) -> dict[str, KeyValue]:
+    """Create the streams and KV buckets if missing. Idempotent and safe to race: add_stream with
+    an identical config succeeds for every caller, so several services may start at once."""
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=[subjects.EVENTS_SUBJECTS],
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            max_age=30 * 24 * 3600.0,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.BUILDS_STREAM,
+            subjects=[subjects.BUILDS_SUBJECTS],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        ),
+    )
+    buckets: dict[str, KeyValue] = {}
+    for bucket in subjects.ALL_BUCKETS:
+        try:
+            buckets[bucket] = await js.key_value(bucket)
+        except NotFoundError:
+            try:
+                buckets[bucket] = await js.create_key_value(
+                    KeyValueConfig(bucket=bucket, history=5, replicas=replicas)
+                )
+            except BadRequestError:
+                buckets[bucket] = await js.key_value(bucket)  # another service won the race
+    return buckets
+
+
+async def publish(js: JetStreamContext, event: events.Event, *, attempts: int = 20) -> None:
+    """Publish to JetStream with the event id as ``Nats-Msg-Id``: retrying after a lost ack (NATS
+    restarting mid-boot) stores the event once."""
+    payload = events.encode(event)
+    delay = 0.1
+    for attempt in range(attempts):
+        try:
+            await js.publish(event.subject, payload, headers={"Nats-Msg-Id": event.id})
+            metrics.EVENTS_PUBLISHED.labels(event.kind).inc()
+            return
+        except Exception as e:  # timeouts and no-responders while NATS restarts
+            if attempt == attempts - 1:
+                metrics.EVENTS_FAILED.labels(event.kind).inc()
+                raise
+            log.debug("publish %s failed (%s), retrying", event.kind, e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+EventHandler = Callable[[events.AnyEvent], Awaitable[None]]
+
+
+async def subscribe_events(
+    js: JetStreamContext,
+    handler: EventHandler,
+    *,
+    durable: str,
+    filter_subject: str = subjects.EVENTS_SUBJECTS,
+    deliver_new: bool = True,
+) -> Any:
+    """A durable push consumer over the event stream. Undecodable messages are logged, counted and
+    terminated (never redelivered forever); a handler error leads to redelivery."""
+
+    async def on_msg(msg: Msg) -> None:
+        try:
+            event = events.decode(msg.data)
+        except events.BadEvent as e:
+            log.error("rejected message on %s: %s", msg.subject, e)
+            metrics.EVENTS_REJECTED.labels(durable).inc()
+            await msg.term()
+            return
+        try:
+            await handler(event)
+        except Exception:
+            log.exception("handler %s failed on %s", durable, event.kind)
+            await msg.nak(delay=1)
+            return
+        await msg.ack()
+
+    return await js.subscribe(
+        filter_subject,
+        durable=durable,
+        cb=on_msg,
+        manual_ack=True,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
+            ack_wait=30,
+            max_deliver=10,
+        ),
+    )

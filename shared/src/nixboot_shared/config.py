@@ -1,0 +1,186 @@
+"""Typed configuration: one TOML file, ``NIXBOOT_*`` environment overrides, decoded with msgspec.
+
+Environment overrides name a key by its path with ``__`` between levels:
+``NIXBOOT_TFTP__PORT=6969``, ``NIXBOOT_NATS__URL=nats://a:4222,nats://b:4222``,
+``NIXBOOT_STATE_DIR=/var/lib/nixboot``. A value is read as TOML when it parses as one (numbers,
+booleans, arrays) and as a plain string otherwise. Unknown keys and wrong types fail at start with a
+message naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+ENV_PREFIX = "NIXBOOT_"
+CONFIG_ENV = "NIXBOOT_CONFIG"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key."""
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class NatsConfig(_Section):
+    # Empty: `nixboot up` starts an embedded nats-server with JetStream under the state directory.
+    url: str = ""
+    embedded_host: str = "127.0.0.1"
+    embedded_port: int = 4222
+    # JetStream replicas for streams and buckets (3 on a 3-node cluster).
+    replicas: int = 1
+    credentials_file: str = ""
+
+
+class HttpListen(_Section):
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+class TftpConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = 69
+    # Directory with pxelinux/iPXE boot programs; empty: Debian's package locations.
+    boot_programs_dir: str = ""
+    max_transfers: int = 256
+    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(port=8083))
+
+
+class CacheConfig(_Section):
+    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(host="0.0.0.0", port=8080))
+    # URL booting machines use to reach this service (kernel command line, menus).
+    public_url: str = "http://127.0.0.1:8080"
+    max_bytes: int = 20 * 1024**3
+    # ed25519 secret key in Nix's `name:base64` form; empty: generated in the state directory.
+    secret_key_file: str = ""
+    key_name: str = "nixboot-1"
+
+
+class BuilderConfig(_Section):
+    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(port=8081))
+    # Flake reference (path or git URL); empty: the bundled demo flake.
+    flake: str = ""
+    poll_seconds: float = 30.0
+    keep_generations: int = 5
+    # Extra `--option NAME VALUE` pairs passed to nix (remote builders, max-jobs, ...).
+    nix_options: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class DhcpHookConfig(_Section):
+    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(port=8082))
+    # Unix datagram socket the hook command hands leases to; empty: <state_dir>/dhcp-hook.sock.
+    socket: str = ""
+    # Where the hook command spools leases the service could not take; empty: <state_dir>/spool.
+    spool_dir: str = ""
+
+
+class MachineEntry(_Section):
+    mac: str
+    name: str
+    attr: str
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Config(_Section):
+    state_dir: str = ""
+    log_level: str = "INFO"
+    # File holding the token mutation APIs require; empty: <state_dir>/api-token (generated).
+    api_token_file: str = ""
+    # What unknown MACs boot: a nixosConfigurations attribute, or "" for the local disk.
+    fallback_attr: str = ""
+    menu_timeout_seconds: int = 5
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    tftp: TftpConfig = msgspec.field(default_factory=TftpConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    builder: BuilderConfig = msgspec.field(default_factory=BuilderConfig)
+    dhcp_hook: DhcpHookConfig = msgspec.field(default_factory=DhcpHookConfig)
+    machines: list[MachineEntry] = msgspec.field(default_factory=list)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    def api_token_path(self) -> Path:
+        return Path(self.api_token_file) if self.api_token_file else self.state_path / "api-token"
+
+
+def default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/nixboot"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "nixboot")
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {'.'.join(path)} is not a table")
+            node = child
+        node[path[-1]] = _parse_env_value(raw)
+
+
+def _validate(cfg: Config) -> None:
+    from nixboot_shared.subjects import InvalidMac, normalize_mac
+
+    for section, port in (
+        ("tftp.port", cfg.tftp.port),
+        ("tftp.http.port", cfg.tftp.http.port),
+        ("cache.http.port", cfg.cache.http.port),
+        ("builder.http.port", cfg.builder.http.port),
+        ("dhcp_hook.http.port", cfg.dhcp_hook.http.port),
+        ("nats.embedded_port", cfg.nats.embedded_port),
+    ):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{section}: port {port} is outside 0..65535")
+    if cfg.builder.keep_generations < 1:
+        raise ConfigError("builder.keep_generations: must be at least 1")
+    if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"log_level: {cfg.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+    for i, m in enumerate(cfg.machines):
+        try:
+            m.mac = normalize_mac(m.mac)
+        except InvalidMac as e:
+            raise ConfigError(f"machines[{i}].mac: {e}") from None
+
+
+def load(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load the configuration file (``NIXBOOT_CONFIG`` when ``path`` is None) plus overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    path = path if path is not None else environ.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    _apply_env(data, environ)
+    try:
+        cfg = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as e:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}: {e}") from None
+    if not cfg.state_dir:
+        cfg.state_dir = default_state_dir()
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,125 @@
+"""The frame every nixboot service runs in: config, logging, NATS, bootstrap, and an HTTP server
+with ``/healthz`` and ``/metrics``. A service supplies only ``setup`` (routes, consumers, tasks)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Response
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from nixboot_shared import bus, metrics
+from nixboot_shared.config import Config, HttpListen
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceContext:
+    name: str
+    cfg: Config
+    nc: Client
+    js: JetStreamContext
+    kv: dict[str, KeyValue]
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    # Called in reverse order at shutdown (close sockets, stop threads).
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> None:
+        self.tasks.append(asyncio.ensure_future(coro))
+        self.tasks[-1].set_name(f"{self.name}:{name}")
+
+
+Setup = Callable[[ServiceContext, FastAPI], Awaitable[None]]
+
+
+def setup_logging(level: str, service: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def base_app(name: str, nc: Client | None) -> FastAPI:
+    app = FastAPI(title=f"nixboot {name}")
+
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    async def healthz() -> Response:
+        ok = nc is not None and nc.is_connected
+        body = f'{{"service":"{name}","nats":{"true" if ok else "false"}}}'
+        return Response(body, status_code=200 if ok else 503, media_type="application/json")
+
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    async def metrics_route() -> Response:
+        body, ctype = metrics.exposition()
+        return Response(body, media_type=ctype)
+
+    return app
+
+
+class NoNatsConfigured(RuntimeError):
+    pass
+
+
+async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> None:
+    if not cfg.nats.url:
+        raise NoNatsConfigured(
+            "no NATS URL configured (nats.url / NIXBOOT_NATS__URL): start the whole stack with "
+            "`nixboot up`, which runs an embedded NATS, or point the service at your NATS"
+        )
+    nc = await bus.connect(cfg.nats.url, f"nixboot-{name}", cfg.nats.credentials_file)
+    js = nc.jetstream()
+    kv = await bus.bootstrap(js, cfg.nats.replicas)
+    ctx = ServiceContext(name=name, cfg=cfg, nc=nc, js=js, kv=kv)
+    app = base_app(name, nc)
+    await setup(ctx, app)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=listen.host, port=listen.port, log_level="warning", lifespan="off")
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    serve_task = asyncio.ensure_future(server.serve())
+    log.info("%s: http on %s:%d", name, listen.host, listen.port)
+    done_waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([serve_task, done_waiter], return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    with contextlib.suppress(Exception):
+        await serve_task
+    for cleanup in reversed(ctx.cleanups):
+        with contextlib.suppress(Exception):
+            await cleanup()
+    for task in ctx.tasks:
+        task.cancel()
+    await asyncio.gather(*ctx.tasks, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        await nc.drain()
+    log.info("%s: stopped", name)
+
+
+def run(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> int:
+    """Run a service until SIGTERM/SIGINT; return the process exit code."""
+    setup_logging(cfg.log_level, name)
+    try:
+        asyncio.run(_serve(name, cfg, listen, setup))
+    except NoNatsConfigured as e:
+        log.error("%s", e)
+        return 2
+    except OSError as e:
+        log.error("%s: %s", name, e)
+        return 1
+    return 0
