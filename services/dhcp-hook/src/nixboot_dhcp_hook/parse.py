@@ -328,3 +328,36 @@ def change_id(change: LeaseChange) -> str:
 def order_key(change: LeaseChange) -> tuple[float, float]:
     """How lease changes of one MAC are ordered: the server's clock, then the hook's."""
     return (change.server_ts, change.ts)
+
+
+HOOK_MAGIC = b"nixboot-dhcp-hook/1"  # hook.MAGIC (hook.py imports nothing of ours)
+
+
+@dataclass(frozen=True, slots=True)
+class HookCall:
+    ts: float
+    argv: list[str]
+    env: dict[str, str]
+
+
+def decode_hook_payload(payload: bytes) -> HookCall:
+    """Read what hook.capture wrote: ``MAGIC ts argc argv... KEY=VALUE...``, NUL-separated."""
+    fields = payload.split(b"\0")
+    if len(fields) < 3 or fields[0] != HOOK_MAGIC:
+        raise BadLease(f"not a nixboot hook payload ({len(payload)} bytes: {payload[:24]!r}...)")
+    try:
+        text = [f.decode("utf-8") for f in fields[1:]]
+    except UnicodeDecodeError as e:
+        raise BadLease(f"hook payload is not UTF-8: {e}") from None
+    ts = _number(text[0], "hook timestamp")
+    argc = _number(text[1], "hook argument count")
+    if ts is None or argc is None or argc != int(argc) or 2 + argc > len(text):
+        raise BadLease("hook payload header is damaged")
+    argv = text[2 : 2 + int(argc)]
+    env: dict[str, str] = {}
+    for item in text[2 + int(argc) :]:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise BadLease(f"hook payload environment entry {item[:40]!r} has no '='")
+        env[key] = value
+    return HookCall(ts=ts, argv=argv, env=env)
