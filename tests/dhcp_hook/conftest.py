@@ -279,6 +279,9 @@ class Client:
 
     def renew(self) -> None:
         assert self.proc.poll() is None
+        # dnsmasq keeps lease times in whole seconds: a renewal within the second of the lease
+        # changes nothing there and runs no script. Real renewals come at T1 (half the lease).
+        time.sleep(1.1)
         self.proc.send_signal(signal.SIGUSR1)
 
     def release(self) -> None:

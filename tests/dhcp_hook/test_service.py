@@ -184,3 +184,19 @@ async def test_http_leases_with_token_ordering_and_bad_input(
     assert hook_service.metric("nixboot_bad_input_total", source="dhcp-hook-http") == before + 8
     assert "unknown field `colour`" in hook_service.log() or "colour" in hook_service.log()
     assert len(await bus_reader.lease_events(mac, 2, timeout=0.5)) == 2  # nothing else published
+
+
+async def test_repeated_grant_within_seconds_is_a_retransmit(
+    hook_service: HookService, bus_reader: Bus
+) -> None:
+    url = f"{hook_service.url}/leases"
+    auth = {"Authorization": f"Bearer {hook_service.token()}"}
+    mac = random_mac()
+    for server_ts in (100.0, 101.0, 102.5, 110.0):  # the second and third: a client repeating
+        lease = {"mac": mac, "ip": "10.9.5.5", "kind": "renew", "server_ts": server_ts}
+        assert httpx.post(url, json=lease, headers=auth).status_code == 202
+    got = await bus_reader.lease_events(mac, 2)
+    assert [e.server_ts for e in got] == [100.0, 110.0]
+    stored = await bus_reader.lease(mac)
+    assert stored is not None and stored.server_ts == 110.0
+    assert hook_service.metric("nixboot_dhcp_retransmits_total", source="http") >= 2

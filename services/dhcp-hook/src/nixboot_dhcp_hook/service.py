@@ -33,11 +33,17 @@ log = logging.getLogger(__name__)
 DRAIN_INTERVAL_SECONDS = 2.0
 # Publish attempts before a change goes (back) to the spool: short, the spool retries for ever.
 PUBLISH_ATTEMPTS = 3
+RETRANSMIT_SECONDS = 3.0
 
 LEASE_CHANGES = Counter("nixboot_dhcp_lease_changes", "Lease changes recorded", ["source", "kind"])
 STALE = Counter(
     "nixboot_dhcp_stale_lease_changes",
     "Lease changes older than the lease map's: published, not applied to the map",
+    ["source"],
+)
+RETRANSMITS = Counter(
+    "nixboot_dhcp_retransmits",
+    "Repeated grants of the same lease within seconds: applied to the map, not published",
     ["source"],
 )
 SPOOLED = Counter(
@@ -99,6 +105,20 @@ def to_event(c: LeaseChange) -> events.LeaseSeen:
     )
 
 
+def is_retransmit(current: records.Lease | None, c: LeaseChange) -> bool:
+    """A client that does not hear the ACK repeats its REQUEST (seen with Kea: the same xid
+    committed again a second later, with a new CLTT). The same grant of the same address within
+    RETRANSMIT_SECONDS is that, not a new lease change: the map takes it, the stream does not.
+    Retransmits within one second already share an event id (parse.change_id)."""
+    return (
+        current is not None
+        and c.kind in ("new", "renew")
+        and (current.kind, current.ip) == (c.kind, c.ip)
+        and current.server_ts is not None
+        and 0 < c.server_ts - current.server_ts <= RETRANSMIT_SECONDS
+    )
+
+
 def _lease_key(lease: records.Lease) -> tuple[float, float]:
     return (lease.server_ts or 0.0, lease.seen)
 
@@ -147,9 +167,13 @@ class Recorder:
         ):
             # Already applied (a spool copy re-delivered after the dedupe window): nothing to do.
             return event.id
-        await bus.publish(self.js, event, attempts=PUBLISH_ATTEMPTS)
-        LEASE_TO_EVENT.observe(max(0.0, time.time() - c.ts))
-        LEASE_CHANGES.labels(c.source, c.kind).inc()
+        if is_retransmit(current, c):
+            RETRANSMITS.labels(c.source).inc()
+            log.debug("%s %s for %s: retransmit, not published", c.source, c.kind, c.mac)
+        else:
+            await bus.publish(self.js, event, attempts=PUBLISH_ATTEMPTS)
+            LEASE_TO_EVENT.observe(max(0.0, time.time() - c.ts))
+            LEASE_CHANGES.labels(c.source, c.kind).inc()
         for _ in range(10):  # compare-and-set retries against a concurrent writer
             if current is not None and parse.order_key(c) < _lease_key(current):
                 STALE.labels(c.source).inc()
