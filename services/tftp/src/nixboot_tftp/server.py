@@ -527,7 +527,11 @@ class SafeTftpServer(TftpServer):  # type: ignore[misc]
             if session.retry_count > limit:
                 self._finish(session, "timeout", f"no answer after {limit} retries")
                 continue
-            session.deadline = now + session.timeout
+            # Back off (x2, x4): a client that ignores duplicate blocks (atftp does) retransmits
+            # its ACK only on its own timeout, so we must still be there when it does.
+            # Half-open transfers (never acknowledged) get no back-off: they hold a slot.
+            backoff = 1 if session.half_open else min(2**session.retry_count, 4)
+            session.deadline = now + session.timeout * backoff
             try:
                 if session.state is not None:
                     session.state.resendLast()
