@@ -25,10 +25,10 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 from nixboot_shared import metrics as shared_metrics
-from nixboot_shared.events import FileKind
+from nixboot_shared.events import FileKind, TransferResult
 from tftpy.TftpContexts import TftpContextServer
 from tftpy.TftpPacketFactory import TftpPacketFactory
 from tftpy.TftpPacketTypes import TftpPacketRRQ, TftpPacketWRQ
@@ -42,7 +42,7 @@ from nixboot_tftp.options import Negotiated, NegotiationError, negotiate
 
 log = logging.getLogger(__name__)
 
-Result = Literal["ok", "not-found", "denied", "error", "timeout", "aborted"]
+Result = TransferResult
 
 DEFAULT_TIMEOUT = 1.0  # seconds before a retransmit when the client chose no timeout
 DEFAULT_RETRIES = 5
