@@ -17,8 +17,6 @@ import pytest
 import tftpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nixboot_tftp.files import memory_file
-from nixboot_tftp.server import Source
 from tftp_helpers import (
     LossyRelay,
     atftp,
@@ -29,6 +27,9 @@ from tftp_helpers import (
     tftp_hpa,
     wrq,
 )
+
+from nixboot_tftp.files import memory_file
+from nixboot_tftp.server import Source
 
 
 @pytest.mark.parametrize("name", ["prog.0", "exact.efi", "empty.c32", "sub/inner.txt", "link-in"])

@@ -12,10 +12,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nixboot_shared import security
+from nixboot_shared import security, subjects
 from nixboot_shared.menu import BootParams, MenuSpec, ordered_entries, render_pxelinux
 from nixboot_shared.records import MachineGenerations
-
 from nixboot_tftp import metrics
 from nixboot_tftp.files import NotFound, memory_file, open_regular
 from nixboot_tftp.names import (
@@ -97,8 +96,10 @@ class TftpContent:
     def _machine_for(self, wanted: MenuName, client_ip: str) -> str | None:
         view = self.view
         if wanted.by == "mac":
-            assert wanted.mac is not None
-            return wanted.mac if view.known(wanted.mac) else None
+            # Every well-formed MAC gets its own menu (its generations, or the fallback): the menu
+            # then carries the MAC for the boot's events, and a machine whose lease is still on its
+            # way through NATS is not sent down pxelinux's slower hex-IP/default path.
+            return wanted.mac
         if wanted.by == "ip":
             assert wanted.ip_hex is not None
             if len(wanted.ip_hex) == 8:
@@ -131,7 +132,7 @@ class TftpContent:
         machine = self.view.machines.get(mac) if mac else None
         title = f"{s.title}: {machine.name}" if machine else s.title
         spec = MenuSpec(
-            mac=mac or "unknown",
+            mac=subjects.mac_token(mac) if mac else "unknown",
             title=title,
             generations=gens,
             params=params,

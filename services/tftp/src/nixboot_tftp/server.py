@@ -27,14 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from nixboot_shared import metrics as shared_metrics
-from nixboot_shared.events import FileKind, TransferResult
 from tftpy.TftpContexts import TftpContextServer
 from tftpy.TftpPacketFactory import TftpPacketFactory
 from tftpy.TftpPacketTypes import TftpPacketRRQ, TftpPacketWRQ
 from tftpy.TftpServer import TftpServer
 from tftpy.TftpStates import TftpState
 
+from nixboot_shared import metrics as shared_metrics
+from nixboot_shared.events import FileKind, TransferResult
 from nixboot_tftp import packets
 from nixboot_tftp.files import AccessDenied, NotFound, RootDir, memory_file, to_netascii
 from nixboot_tftp.names import BadName, file_kind, safe_parts

@@ -19,11 +19,11 @@ from fastapi import FastAPI
 from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
+
 from nixboot_shared import bus, events, security, subjects
 from nixboot_shared.config import Config
 from nixboot_shared.records import Lease, MachineGenerations
 from nixboot_shared.service import ServiceContext, run
-
 from nixboot_tftp import metrics
 from nixboot_tftp.bootprograms import prepare_root
 from nixboot_tftp.content import MenuInfo, MenuSettings, TftpContent

@@ -11,6 +11,7 @@ import logging
 import os
 
 import msgspec
+
 from nixboot_shared import subjects
 from nixboot_shared.records import Generation, Lease, Machine, MachineGenerations
 from nixboot_shared.subjects import InvalidMac, normalize_mac
