@@ -17,7 +17,10 @@ import pytest
 import tftpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tftp_helpers import (
+
+from nixboot_tftp.files import memory_file
+from nixboot_tftp.server import Source
+from tests.tftp.tftp_helpers import (
     LossyRelay,
     atftp,
     curl,
@@ -27,9 +30,6 @@ from tftp_helpers import (
     tftp_hpa,
     wrq,
 )
-
-from nixboot_tftp.files import memory_file
-from nixboot_tftp.server import Source
 
 
 @pytest.mark.parametrize("name", ["prog.0", "exact.efi", "empty.c32", "sub/inner.txt", "link-in"])
