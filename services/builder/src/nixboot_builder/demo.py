@@ -47,7 +47,8 @@ def set_knob(flake_dir: Path, name: str, value: str | int) -> None:
     path = flake_dir / "knobs.nix"
     text = path.read_text()
     literal = str(value) if isinstance(value, int) else '"' + value.replace('"', '\\"') + '"'
-    new, count = re.subn(rf"(?m)^(\s*{re.escape(name)}\s*=\s*)[^;]*;", rf"\g<1>{literal};", text)
+    pattern = rf"(?m)^(\s*{re.escape(name)}\s*=\s*)[^;]*;"
+    new, count = re.subn(pattern, lambda m: f"{m.group(1)}{literal};", text)
     if count != 1:
         raise KeyError(f"knob {name!r} not found in {path}")
     path.write_text(new)
