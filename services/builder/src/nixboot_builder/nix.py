@@ -206,6 +206,24 @@ class Nix:
         except (ValueError, AttributeError) as e:
             raise NixError(f"unexpected `nix flake metadata` output: {e}") from None
 
+    async def configuration_names(self, flake: str) -> list[str]:
+        out = await self._run(
+            "nix",
+            "eval",
+            "--json",
+            *option_args(self.options),
+            f"{flake}#nixosConfigurations",
+            "--apply",
+            "builtins.attrNames",
+        )
+        try:
+            names: Any = json.loads(out)
+        except ValueError as e:
+            raise NixError(f"unexpected `nix eval` output: {e}") from None
+        if not isinstance(names, list):
+            raise NixError("nixosConfigurations is not an attribute set")
+        return [str(n) for n in names]
+
     async def add_root(self, link: Path, path: str) -> None:
         """Register ``link`` -> ``path`` as an indirect GC root (nix follows it from
         /nix/var/nix/gcroots/auto; deleting the link unpins the path)."""
