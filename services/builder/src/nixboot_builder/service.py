@@ -32,7 +32,7 @@ def flake_ref(cfg: Config) -> str:
 async def setup(ctx: ServiceContext, app: FastAPI) -> None:
     cfg = ctx.cfg
     token = read_or_create_secret(cfg.api_token_path())
-    store = Store(ctx.kv[subjects.KV_MACHINES], ctx.kv[subjects.KV_GENERATIONS])
+    store = Store(ctx.js, ctx.kv[subjects.KV_MACHINES], ctx.kv[subjects.KV_GENERATIONS])
     for entry in cfg.machines:
         await store.put_machine(
             Machine(mac=entry.mac, name=entry.name, attr=entry.attr, labels=entry.labels)

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import msgspec
+from nats.js import JetStreamContext
 from nats.js.errors import (
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
 )
 from nats.js.kv import KeyValue
 from nixboot_shared import subjects
@@ -63,21 +63,25 @@ async def update(
 
 
 class Store:
-    def __init__(self, machines: KeyValue, generations: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, machines: KeyValue, generations: KeyValue) -> None:
+        self.js = js
         self.machines_kv = machines
         self.generations_kv = generations
 
     async def machines(self) -> list[Machine]:
-        try:
-            keys = await self.machines_kv.keys()
-        except NoKeysError:
-            return []
         out = []
-        for key in keys:
+        for key in await self._keys(subjects.KV_MACHINES):
             m, _ = await _get(self.machines_kv, key, Machine)
             if m is not None:
                 out.append(m)
         return sorted(out, key=lambda m: m.name)
+
+    async def _keys(self, bucket: str) -> list[str]:
+        # KeyValue.keys() (a watcher) was seen here to return early with a partial list; the
+        # stream's per-subject state is exact. Deleted keys are listed too and skipped by _get.
+        prefix = f"$KV.{bucket}."
+        info = await self.js.stream_info(f"KV_{bucket}", subjects_filter=prefix + ">")
+        return sorted(s[len(prefix) :] for s in (info.state.subjects or {}))
 
     async def machine(self, mac: str) -> Machine | None:
         m, _ = await _get(self.machines_kv, subjects.mac_token(mac), Machine)

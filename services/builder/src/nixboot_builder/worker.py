@@ -153,10 +153,6 @@ class Builder:
             await self._fail(req, str(e), e.log_tail)
             return None
         seconds = time.monotonic() - started
-        await bus.publish(
-            self.js,
-            events.BuildSucceeded(build_id=bid, attr=attr, toplevel=toplevel, seconds=seconds),
-        )
         new = Generation(
             number=0,
             toplevel=boot.toplevel,
@@ -169,6 +165,11 @@ class Builder:
             created=time.time(),
         )
         created = await self.record(attr, new)
+        # Announced after recording: whoever sees it finds the generations already in KV.
+        await bus.publish(
+            self.js,
+            events.BuildSucceeded(build_id=bid, attr=attr, toplevel=toplevel, seconds=seconds),
+        )
         await self._log(bid, wire.LogRecord(kind="end", ok=True, toplevel=toplevel))
         log.info("build %s of %s: %s in %.1fs", bid, attr, toplevel, seconds)
         return created
