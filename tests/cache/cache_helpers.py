@@ -130,3 +130,91 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@dataclass
+class CacheServer:
+    url: str
+    state: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def metric(self, name: str, **labels: str) -> float:
+        import urllib.request
+
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=10).read().decode()
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            metric, _, rest = key.partition("{")
+            if metric != name:
+                continue
+            got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+            if not labels or got == want:
+                total += float(value)
+        return total
+
+    def public_key(self) -> str:
+        return (self.state / "cache-key.pub").read_text().strip()
+
+
+def start_cache(
+    state: Path, nats: str, *, max_bytes: int = 1 << 30, extra_env: dict[str, str] | None = None
+) -> CacheServer:
+    import sys
+    import urllib.request
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ)
+    env.update(
+        NIXBOOT_STATE_DIR=str(state),
+        NIXBOOT_NATS__URL=nats,
+        NIXBOOT_CACHE__HTTP__HOST="127.0.0.1",
+        NIXBOOT_CACHE__HTTP__PORT=str(port),
+        NIXBOOT_CACHE__PUBLIC_URL=url,
+        NIXBOOT_CACHE__MAX_BYTES=str(max_bytes),
+        NIXBOOT_LOG_LEVEL="INFO",
+    )
+    env.update(extra_env or {})
+    state.mkdir(parents=True, exist_ok=True)
+    log = state / "service.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nixboot_cache"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"cache service exited {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1)
+            return CacheServer(url, state, proc, log)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"cache service did not start: {log.read_text()[-2000:]}")
+
+
+def stop_cache(server: CacheServer) -> None:
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@pytest.fixture
+def cache_server(tmp_path: Path, nats_url: str) -> Iterator[CacheServer]:
+    server = start_cache(tmp_path / "state", nats_url)
+    try:
+        yield server
+    finally:
+        stop_cache(server)

@@ -46,8 +46,11 @@ class NarInfo:
             f"StorePath: {self.store_path}",
             f"URL: {self.url}",
             f"Compression: {self.compression}",
-            f"FileHash: {self.file_hash}",
-            f"FileSize: {self.file_size}",
+        ]
+        # Optional for the client (it never checks them): absent while a NAR is not compressed yet.
+        if self.file_hash:
+            lines += [f"FileHash: {self.file_hash}", f"FileSize: {self.file_size}"]
+        lines += [
             f"NarHash: {self.nar_hash}",
             f"NarSize: {self.nar_size}",
             # Nix writes the space even with no references; keep it for byte equality.
