@@ -29,7 +29,7 @@ from pathlib import Path
 
 import zstandard
 
-from nixboot_cache import nar, nix32
+from nixboot_cache import metrics, nar, nix32
 from nixboot_cache.store import PathInfo
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ class NarCache:
             self._lru.pop(h, None)
         if truncated:
             self.stats.truncated_rebuilt += 1
+            metrics.TRUNCATED.inc()
 
     def inflight(self, h: str) -> InFlight | None:
         return self._inflight.get(h)
@@ -252,6 +253,7 @@ class NarCache:
             self._lru.move_to_end(h)
         self.stats.compressed += 1
         self.stats.compressed_bytes += written
+        metrics.COMPRESSED.inc()
         self.evict()
         return meta
 
@@ -276,6 +278,7 @@ class NarCache:
             self.nar_file(h).unlink(missing_ok=True)
             self.meta_file(h).unlink(missing_ok=True)
             self.stats.evicted += 1
+            metrics.EVICTED.inc()
             log.info("cache: evicted %s", h)
         return removed
 
