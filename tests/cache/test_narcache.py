@@ -103,6 +103,17 @@ async def test_lru_eviction_spares_protected(tmp_path: Path, executor: ThreadPoo
     assert cache.stats.evicted == 3
 
 
+async def test_recently_used_not_evicted(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    infos = [make_path(tmp_path / "src", f"p{i}", 200_000, 20 + i) for i in range(3)]
+    cache = NarCache(tmp_path / "cache", executor, 1, grace_seconds=60)
+    for info in infos:
+        await cache.ensure(info)
+    assert all(cache.meta(i.nar_hash32) is not None for i in infos)
+    cache.grace_seconds = 0
+    cache.evict()
+    assert cache.total_bytes == 0 and cache.stats.evicted == 3
+
+
 async def test_concurrent_ensures_compress_once(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:

@@ -84,12 +84,15 @@ class NarCache:
         executor: Executor,
         max_bytes: int,
         protected: Callable[[], set[str]] = set,
+        grace_seconds: float = 0.0,
     ) -> None:
         self.root = root
         self.executor = executor
         self.max_bytes = max_bytes
         self.protected = protected  # nar hashes that must never be evicted
+        self.grace_seconds = grace_seconds
         self.stats = Stats()
+        self._used: dict[str, float] = {}  # nar hash -> monotonic time of last use
         self._inflight: dict[str, InFlight] = {}
         self._lru: OrderedDict[str, int] = OrderedDict()  # nar hash -> file size, oldest first
         self._lock = threading.Lock()
@@ -150,6 +153,7 @@ class NarCache:
         with self._lock:
             if h in self._lru:
                 self._lru.move_to_end(h)
+                self._used[h] = time.monotonic()
 
     def _drop(self, h: str, *, truncated: bool = False) -> None:
         self.meta_file(h).unlink(missing_ok=True)
@@ -251,6 +255,7 @@ class NarCache:
         with self._lock:
             self._lru[h] = written
             self._lru.move_to_end(h)
+            self._used[h] = time.monotonic()
         self.stats.compressed += 1
         self.stats.compressed_bytes += written
         metrics.COMPRESSED.inc()
@@ -265,14 +270,16 @@ class NarCache:
                 return []
         keep = self.protected()
         removed = []
+        recent = time.monotonic() - self.grace_seconds
         with self._lock:
             total = sum(self._lru.values())
             for h in list(self._lru):
                 if total <= self.max_bytes:
                     break
-                if h in keep:
+                if h in keep or self._used.get(h, 0.0) > recent:
                     continue
                 total -= self._lru.pop(h)
+                self._used.pop(h, None)
                 removed.append(h)
         for h in removed:
             self.nar_file(h).unlink(missing_ok=True)

@@ -79,7 +79,7 @@ class Generations:
     def protected_toplevels(self) -> set[str]:
         """Current (newest), default and pinned generations of every machine: never evicted."""
         keep: set[str] = set()
-        for mg in self.by_mac.values():
+        for mg in list(self.by_mac.values()):  # called from worker threads: copy first
             by_number = {g.number: g for g in mg.generations}
             chosen = [mg.default(), *(mg.newest_first()[:1])]
             chosen += [by_number.get(n) for n in (mg.pinned, mg.next_boot) if n is not None]
@@ -101,7 +101,13 @@ class CacheService:
         # One compression per core for warming, plus headroom so a cold request never queues
         # behind a whole warm.
         self.executor = ThreadPoolExecutor(max_workers=cores + 2, thread_name_prefix="nar")
-        self.nars = NarCache(state / "cache", self.executor, cfg.cache.max_bytes, self._protected)
+        self.nars = NarCache(
+            state / "cache",
+            self.executor,
+            cfg.cache.max_bytes,
+            self._protected,
+            grace_seconds=cfg.cache.evict_grace_seconds,
+        )
         self.publish_event: Publish = _no_publish
         self.warmer = Warmer(self.store, self.nars, self._publish, parallel=cores)
         self._known: dict[str, str] = {}  # nar hash -> store path, for every narinfo we answered
