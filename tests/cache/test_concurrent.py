@@ -7,12 +7,13 @@ from pathlib import Path
 
 import msgspec
 import nats
-from cache_helpers import CacheServer, NixFixture, start_cache, stop_cache
+
 from nixboot_cache import narinfo
 from nixboot_shared import bus, events, subjects
 from nixboot_shared.records import MachineGenerations
-from test_service import MAC, generation
-from test_substitute import substitute
+from tests.cache.cache_helpers import CacheServer, NixFixture, start_cache, stop_cache
+from tests.cache.test_service import MAC, generation
+from tests.cache.test_substitute import substitute
 
 
 async def test_two_clients_during_warm(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+
 from nixboot_cache import nar, nix32
 from nixboot_cache.narcache import NarCache, open_inflight, stream_inflight
 from nixboot_cache.store import PathInfo

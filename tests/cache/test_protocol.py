@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cache_helpers import NixFixture
+
 from nixboot_cache import nar, narinfo, nix32, signing
+from tests.cache.cache_helpers import NixFixture
 
 
 def test_nix32_vector() -> None:

@@ -12,11 +12,12 @@ import msgspec
 import nats
 import pytest
 import zstandard
-from cache_helpers import CacheServer, NixFixture
 from nats.aio.client import Client
+
 from nixboot_cache import narinfo, signing
 from nixboot_shared import bus, events, menu, security, subjects
 from nixboot_shared.records import Generation, MachineGenerations
+from tests.cache.cache_helpers import CacheServer, NixFixture
 
 MAC = "52:54:00:12:34:56"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from cache_helpers import CacheServer, NixFixture
+from tests.cache.cache_helpers import CacheServer, NixFixture
 
 
 def substitute(nixfx: NixFixture, server: CacheServer, root: Path, xdg: Path, path: str) -> None:

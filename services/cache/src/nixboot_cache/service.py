@@ -25,10 +25,6 @@ import msgspec
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from nats.js.kv import KeyValue
-from nixboot_shared import bus, events, menu, security, subjects
-from nixboot_shared.config import Config
-from nixboot_shared.records import Generation, MachineGenerations
-from nixboot_shared.service import ServiceContext, run
 
 from nixboot_cache import metrics, nix32
 from nixboot_cache.narcache import NarCache, NarMeta, open_inflight, stream_inflight
@@ -36,6 +32,10 @@ from nixboot_cache.narinfo import STORE_DIR, NarInfo
 from nixboot_cache.signing import SecretKey, load_or_create
 from nixboot_cache.store import DEFAULT_DB, PathInfo, StoreDb
 from nixboot_cache.warm import Publish, Warmer
+from nixboot_shared import bus, events, menu, security, subjects
+from nixboot_shared.config import Config
+from nixboot_shared.records import Generation, MachineGenerations
+from nixboot_shared.service import ServiceContext, run
 
 log = logging.getLogger(__name__)
 

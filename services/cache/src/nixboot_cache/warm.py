@@ -14,11 +14,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from nixboot_shared import events
-
 from nixboot_cache import metrics
 from nixboot_cache.narcache import NarCache
 from nixboot_cache.store import StoreDb
+from nixboot_shared import events
 
 log = logging.getLogger(__name__)
 
