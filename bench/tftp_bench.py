@@ -157,7 +157,7 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 
 def menu_render_bench(n: int = 10_000) -> tuple[float, float, float, float]:
-    from nixboot_shared.records import Generation, MachineGenerations, Machine
+    from nixboot_shared.records import Generation, Machine, MachineGenerations
     from nixboot_tftp.content import MenuSettings, TftpContent
     from nixboot_tftp.view import LocalView
 
@@ -229,20 +229,27 @@ def main() -> int:
                 res[label].append(secs)
         o, h = statistics.median(res["ours"]), statistics.median(res["hpa"])
         print(f"{n} concurrent fetches of 70 KB (blksize 1468):")
-        print(f"  nixboot  {o * 1000:8.1f} ms   tftpd-hpa {h * 1000:8.1f} ms   ratio {o / h:.2f}x"
-              "  (target <= 1.3x)")
+        print(
+            f"  nixboot  {o * 1000:8.1f} ms   tftpd-hpa {h * 1000:8.1f} ms   ratio {o / h:.2f}x"
+            "  (target <= 1.3x)"
+        )
 
         big: dict[str, list[float]] = {"ours-w1": [], "ours-w4": [], "hpa-w1": []}
         for _ in range(max(args.rounds, 5)):
-            for label, port, w in (("ours-w1", ours_port, 1), ("ours-w4", ours_port, 4),
-                                   ("hpa-w1", hpa_port, 1)):
+            for label, port, w in (
+                ("ours-w1", ours_port, 1),
+                ("ours-w4", ours_port, 4),
+                ("hpa-w1", hpa_port, 1),
+            ):
                 secs, nbytes = fetch_many(port, "big.efi", 1, 1468, w)
                 assert nbytes == 1024 * 1024, (label, nbytes)
                 big[label].append(secs)
         w1, w4, hw1 = (statistics.median(big[k]) for k in ("ours-w1", "ours-w4", "hpa-w1"))
         print("1 MB at blksize 1468:")
-        print(f"  nixboot windowsize 1 {w1 * 1000:7.1f} ms   windowsize 4 {w4 * 1000:7.1f} ms   "
-              f"speed-up {w1 / w4:.2f}x  (target >= 2x)")
+        print(
+            f"  nixboot windowsize 1 {w1 * 1000:7.1f} ms   windowsize 4 {w4 * 1000:7.1f} ms   "
+            f"speed-up {w1 / w4:.2f}x  (target >= 2x)"
+        )
         print(f"  tftpd-hpa windowsize 1 {hw1 * 1000:7.1f} ms  (no windowsize support)")
     finally:
         stop(ours)

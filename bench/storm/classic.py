@@ -70,7 +70,9 @@ class ClassicStack:
         """`nix copy` the closure into nginx's root as a zstd file:// cache (what admins do)."""
         subprocess.run(
             ["nix", "copy", "--to", f"file://{self.www}?compression=zstd", toplevel],
-            check=True, env=nix_env, capture_output=True,
+            check=True,
+            env=nix_env,
+            capture_output=True,
         )
 
     def add_boot_file(self, url_path: str, source: Path) -> None:
@@ -84,13 +86,21 @@ class ClassicStack:
         conf = self.root / "nginx.conf"
         conf.write_text(NGINX_CONF.format(root=self.root, www=self.www, port=self.http_port))
         tftpd = subprocess.Popen(
-            [shutil.which("in.tftpd") or "/usr/sbin/in.tftpd", "--foreground", "--secure",
-             "--address", f"127.0.0.1:{self.tftp_port}", str(self.tftp_root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                shutil.which("in.tftpd") or "/usr/sbin/in.tftpd",
+                "--foreground",
+                "--secure",
+                "--address",
+                f"127.0.0.1:{self.tftp_port}",
+                str(self.tftp_root),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         nginx = subprocess.Popen(
             [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(self.root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.procs = (tftpd, nginx)
         deadline = time.monotonic() + 10

@@ -122,8 +122,13 @@ async def boot(target: Target, mac: str, cache: str, hook: object | None = None)
 
             async def say(stage: str, **extra: object) -> None:
                 if report:
-                    body = {"stage": stage, "status": "done", "mac": mac,
-                            "token": cmdline_param(append, "token"), **extra}
+                    body = {
+                        "stage": stage,
+                        "status": "done",
+                        "mac": mac,
+                        "token": cmdline_param(append, "token"),
+                        **extra,
+                    }
                     await client.post(f"{cache}/report/{report}", json=body)
 
             await say("stage1")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from nixboot_shared.config import ConfigError, load
-
 from nixboot_builder.service import main
+from nixboot_shared.config import ConfigError, load
 
 if __name__ == "__main__":
     try:
