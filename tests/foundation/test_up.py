@@ -142,7 +142,11 @@ def test_up_supervises_and_serves_the_thin_flow(stack: Stack) -> None:
         check=True,
     )
     assert json.loads(status.stdout)["nats"]["streams"]["NIXBOOT_EVENTS"]["messages"] >= 1
-    stack.wait(lambda: any("would warm" in line for line in stack.lines), 5, "cache saw the lease")
+    stack.wait(
+        lambda: any("lease of 52:54:00:12:34:56" in line for line in stack.lines),
+        5,
+        "cache saw the lease",
+    )
 
     # Bad input: an invalid MAC or a missing token changes nothing.
     bad = httpx.post(
