@@ -60,6 +60,8 @@ class CacheConfig(_Section):
     # ed25519 secret key in Nix's `name:base64` form; empty: generated in the state directory.
     secret_key_file: str = ""
     key_name: str = "nixboot-1"
+    # A compressed NAR used this recently is never evicted (a client may be about to fetch it).
+    evict_grace_seconds: float = 5.0
 
 
 class BuilderConfig(_Section):
