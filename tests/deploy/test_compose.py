@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import nats
 import pytest
 from nats.errors import NoServersError
+
 from nixboot_shared import bus, config, subjects
 
 from .natsproc import NATS_SERVER, free_port, wait_jetstream, wait_port

@@ -17,6 +17,8 @@ from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import ServiceUnavailableError
+
+from nixboot_builder import wire, worker
 from nixboot_shared import bus, events, records, subjects
 
 from .natsproc import NatsNode, cluster_nodes, wait_jetstream
@@ -172,9 +174,10 @@ async def test_r3_cluster_survives_a_node_loss_and_catches_up(cluster: list[Nats
 async def test_builders_share_the_work_queue_and_take_over_a_crashed_build(
     cluster: list[NatsNode],
 ) -> None:
-    """Builder instances on different nodes bind the same durable pull consumer of the R3
-    NIXBOOT_BUILDS work queue: every request goes to exactly one of them; a request taken by an
-    instance that dies unacknowledged is redelivered to another after ack_wait."""
+    """Builder instances on different nodes bind the builder's durable pull consumer of the R3
+    NIXBOOT_BUILDS work queue (the builder's own name and wire format; the build itself is a sleep
+    here, nix builds are the builder's tests): every request goes to exactly one of them; a request
+    taken by an instance that dies unacknowledged is redelivered to another after ack_wait."""
     admin = await nats.connect(cluster[0].url)
     b1 = await nats.connect(cluster[1].url)
     b2 = await nats.connect(cluster[2].url)
@@ -184,23 +187,20 @@ async def test_builders_share_the_work_queue_and_take_over_a_crashed_build(
         consumer = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=2, max_deliver=5)
         subs = [
             await nc.jetstream().pull_subscribe(
-                subjects.BUILDS_SUBJECTS, durable="test-builders", config=consumer
+                subjects.BUILDS_SUBJECTS, durable=worker.DURABLE, config=consumer
             )
             for nc in (b1, b2, b3)
         ]
-        requests = [events.BuildRequested(build_id=f"b{i}", attr=f"lab-{i % 3}") for i in range(10)]
+        # Queued the way the builder service queues them (its wire format, dedupe header, event).
         ajs = admin.jetstream()
-        for r in requests:
-            await ajs.publish(
-                subjects.build_request_subject(r.attr),
-                events.encode(r),
-                headers={"Nats-Msg-Id": r.id},
-            )
+        requests = [
+            await worker.request_build(ajs, f"lab-{i % 3}", "test", dedupe_key=f"req-{i}")
+            for i in range(10)
+        ]
 
         # Builder 1 takes one request and dies mid-build (no ack, connection gone).
         [crashed] = await subs[0].fetch(1, timeout=5)
-        crashed_req = events.decode(crashed.data)
-        assert isinstance(crashed_req, events.BuildRequested)
+        crashed_req = wire.decode_request(crashed.data)
         await b1.close()
 
         built: dict[str, list[str]] = {}
@@ -212,8 +212,7 @@ async def test_builders_share_the_work_queue_and_take_over_a_crashed_build(
                 except NatsTimeout:
                     continue
                 for m in msgs:
-                    req = events.decode(m.data)
-                    assert isinstance(req, events.BuildRequested)
+                    req = wire.decode_request(m.data)
                     built.setdefault(req.build_id, []).append(name)
                     await asyncio.sleep(0.1)  # the build: lets the other instance take the next
                     await m.ack_sync()  # confirmed: the request leaves the work queue now

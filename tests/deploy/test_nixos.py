@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from nixboot_shared import config
 
 REPO = Path(__file__).resolve().parents[2]
