@@ -43,17 +43,35 @@ class HttpListen(_Section):
     port: int = 0
 
 
+# One class per service so a table that sets only `port` keeps that service's default host.
+class TftpHttp(HttpListen):
+    port: int = 8083
+
+
+class CacheHttp(HttpListen):
+    host: str = "0.0.0.0"  # booting machines fetch kernels, NARs and menus here
+    port: int = 8080
+
+
+class BuilderHttp(HttpListen):
+    port: int = 8081
+
+
+class DhcpHookHttp(HttpListen):
+    port: int = 8082
+
+
 class TftpConfig(_Section):
     host: str = "0.0.0.0"
     port: int = 69
     # Directory with pxelinux/iPXE boot programs; empty: Debian's package locations.
     boot_programs_dir: str = ""
     max_transfers: int = 256
-    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(port=8083))
+    http: TftpHttp = msgspec.field(default_factory=TftpHttp)
 
 
 class CacheConfig(_Section):
-    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(host="0.0.0.0", port=8080))
+    http: CacheHttp = msgspec.field(default_factory=CacheHttp)
     # URL booting machines use to reach this service (kernel command line, menus).
     public_url: str = "http://127.0.0.1:8080"
     max_bytes: int = 20 * 1024**3
@@ -65,7 +83,7 @@ class CacheConfig(_Section):
 
 
 class BuilderConfig(_Section):
-    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(port=8081))
+    http: BuilderHttp = msgspec.field(default_factory=BuilderHttp)
     # Flake reference (path or git URL); empty: the bundled demo flake.
     flake: str = ""
     poll_seconds: float = 30.0
@@ -75,7 +93,7 @@ class BuilderConfig(_Section):
 
 
 class DhcpHookConfig(_Section):
-    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(port=8082))
+    http: DhcpHookHttp = msgspec.field(default_factory=DhcpHookHttp)
     # Unix datagram socket the hook command hands leases to; empty: <state_dir>/dhcp-hook.sock.
     socket: str = ""
     # Where the hook command spools leases the service could not take; empty: <state_dir>/spool.
