@@ -178,9 +178,7 @@ def module_load_order(moddir: Path, wanted: tuple[str, ...] = WANTED_MODULES) ->
     deps = _parse_modules_dep(moddir)
     soft = _softdeps(moddir)
     aliases = _aliases(moddir)
-    builtin = {
-        _modname(p) for p in (moddir / "modules.builtin").read_text().split() if p.strip()
-    }
+    builtin = {_modname(p) for p in (moddir / "modules.builtin").read_text().split() if p.strip()}
     path_to_name = {v[0]: k for k, v in deps.items()}
     order: list[str] = []
     seen: set[str] = set()

@@ -63,7 +63,8 @@ since() { awk -v a="$1" -v b="$(uptime_s)" 'BEGIN { printf "%.2f", b - a }'; }
 
 # ---------------------------------------------------------------- reports
 json_str() { # a JSON string literal; control characters become spaces
-    printf '%s' "$1" | tr '\n\r\t' '   ' | sed 's/\\/\\\\/g; s/"/\\"/g; s/^/"/; s/$/"/'
+    _e=$(printf '%s' "$1" | tr '\n\r\t' '   ' | sed 's/\\/\\\\/g; s/"/\\"/g')
+    printf '"%s"' "$_e"
 }
 
 json_num() { # a JSON number or null
@@ -89,7 +90,10 @@ report() { # report STAGE STATUS [DETAIL [BYTES [SECONDS]]]; never fails
             -H "Authorization: Bearer $TOKEN" --data "$_body" "$_url" >/dev/null 2>&1 ||
             log "report $_stage $_status not delivered (ignored)"
     elif command -v wget >/dev/null 2>&1; then
-        wget -q -T 4 -O /dev/null --header 'Content-Type: application/json' \
+        # `timeout`, not wget -T: Debian's static busybox wget crashes with -T
+        _tmo=
+        command -v timeout >/dev/null 2>&1 && _tmo="timeout 5"
+        $_tmo wget -q -O /dev/null --header 'Content-Type: application/json' \
             --header "Authorization: Bearer $TOKEN" --post-data "$_body" "$_url" >/dev/null 2>&1 ||
             log "report $_stage $_status not delivered (ignored)"
     else
@@ -177,15 +181,17 @@ wait_for_block() { # udev (NixOS) or devtmpfs (plain initrd) creates the node sh
 create_layout() {
     _disk=$1 _part=$(part_dev "$1")
     case "$TABLE" in
-        gpt) _spec=$(printf 'label: gpt\n,,L,name="%s"\n' "$LABEL") ;;
-        dos) _spec=$(printf 'label: dos\n,,L\n') ;;
+        gpt) _spec=$(printf 'label: gpt\ntype=L, name="%s"\n' "$LABEL") ;;
+        dos) _spec=$(printf 'label: dos\ntype=L\n') ;;
         *) fail "unknown partition table type '$TABLE'" ;;
     esac
     echo "$_spec" | sfdisk -q --wipe always --wipe-partitions always "$_disk" >&2 ||
         fail "sfdisk $_disk failed"
     wait_for_block "$_part" || fail "$_part did not appear after partitioning"
     # -F: the partition is new, whatever signature an old one left is garbage now
-    "mkfs.$FS" -q -F -L "$LABEL" "$_part" >&2 || fail "mkfs.$FS $_part failed"
+    # lazy init: the kernel zeroes inode tables and the journal later, not during the boot
+    "mkfs.$FS" -q -F -L "$LABEL" -E lazy_itable_init=1,lazy_journal_init=1 "$_part" >&2 ||
+        fail "mkfs.$FS $_part failed"
 }
 
 do_disk() {
@@ -239,15 +245,21 @@ experimental-features = nix-command
     if [ $_rc -ne 0 ]; then
         fail "nix-store -r $TOPLEVEL failed (exit $_rc): $(tail -n 3 "$_out" | tr '\n' ' ')"
     fi
-    # nix prints "these N paths will be fetched (X MiB download, Y MiB unpacked):" and one
-    # "copying path" line per path; nothing when the closure is already on the disk.
-    _paths=$(grep -c "^copying path" "$_out" || true)
-    _bytes=$(sed -n 's/.*will be fetched (\([0-9.]*\) \([KMG]*i*B\) download.*/\1 \2/p' "$_out" |
-        awk '{ m = 1; if ($2 == "KiB") m = 1024; if ($2 == "MiB") m = 1048576;
-               if ($2 == "GiB") m = 1073741824; printf "%d", $1 * m }')
-    _bytes=${_bytes:-0}
     [ -e "$MNT$TOPLEVEL" ] || fail "$TOPLEVEL is not in $MNT after nix-store -r"
-    report closure done "fetched $_paths paths ($_bytes bytes) for $TOPLEVEL" "$_bytes" "$_secs"
+    # nix prints "these N paths will be fetched (X MiB download, Y MiB unpacked):" and one
+    # "copying path '<path>' from ..." line per path; nothing when the closure is already there.
+    # Its MiB figures are rounded to 0.01: the exact NAR sizes come from the new store's database.
+    _fetched=$(sed -n "s/^copying path '\([^']*\)'.*/\1/p" "$_out")
+    _paths=0 _bytes=0
+    if [ -n "$_fetched" ]; then
+        _paths=$(echo "$_fetched" | wc -l)
+        # shellcheck disable=SC2086 # one argument per store path
+        _bytes=$(nix-store --store "local?root=$MNT" -q --size $_fetched 2>/dev/null |
+            awk '{ s += $1 } END { printf "%d", s }')
+    fi
+    _download=$(sed -n 's/.*will be fetched (\([0-9.]* [KMG]*i*B\) download.*/\1/p' "$_out")
+    report closure done "fetched $_paths paths (NAR $_bytes bytes, download ${_download:-0 MiB}) for $TOPLEVEL" \
+        "$_bytes" "$_secs"
 }
 
 # ---------------------------------------------------------------- network (plain initrds only)
@@ -295,9 +307,10 @@ do_switch() {
     [ -n "$INIT" ] || fail "init= is missing from the kernel command line"
     [ -x "$MNT$INIT" ] || fail "$INIT is not executable in $MNT"
     # switch_root needs the new root to be a mount point with the API filesystems moved into it.
-    for _fs in dev proc sys run; do
+    _mounted=$(awk '{ print $2 }' /proc/mounts)
+    for _fs in dev sys run proc; do
         mkdir -p "$MNT/$_fs"
-        if awk -v m="/$_fs" '$2 == m { found = 1 } END { exit !found }' /proc/mounts; then
+        if echo "$_mounted" | grep -qx "/$_fs"; then
             mount --move "/$_fs" "$MNT/$_fs" || mount -o bind "/$_fs" "$MNT/$_fs"
         fi
     done
