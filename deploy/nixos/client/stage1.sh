@@ -80,9 +80,12 @@ report() { # report STAGE STATUS [DETAIL [BYTES [SECONDS]]]; never fails
     if [ -z "$CACHE" ] || [ -z "$BOOT_ID" ]; then
         return 0
     fi
+    # no MAC on the command line: null (the cache rejects an empty string as a MAC)
+    _mac=null
+    [ -n "$MAC" ] && _mac=$(json_str "$MAC")
     _body=$(printf '{"stage":%s,"status":%s,"detail":%s,"bytes":%s,"seconds":%s,"mac":%s,"token":%s}' \
         "$(json_str "$_stage")" "$(json_str "$_status")" "$(json_str "$_detail")" \
-        "$(json_num "$_bytes")" "$(json_num "$_secs")" "$(json_str "$MAC")" "$(json_str "$TOKEN")")
+        "$(json_num "$_bytes")" "$(json_num "$_secs")" "$_mac" "$(json_str "$TOKEN")")
     _url="$CACHE/report/$BOOT_ID"
     # Short timeouts: the cache being slow or down must not hold the boot up.
     if command -v curl >/dev/null 2>&1; then
