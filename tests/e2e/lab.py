@@ -225,7 +225,8 @@ class Lab:
             "-device",
             f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1",
             "-drive",
-            f"file={disk},if=virtio,format=qcow2,cache=unsafe",
+            f"file={disk},if=virtio,format={'qcow2' if disk.suffix == '.qcow2' else 'raw'},"
+            "cache=unsafe",
             "-boot",
             "n",
         ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,11 @@ def _disk(e2e: E2E) -> Path:
     return path
 
 
-def _boot(e2e: E2E, name: str, expect_generation: int) -> tuple[BootResult, list[dict[str, Any]]]:
+def _boot(
+    e2e: E2E, name: str, expect_generation: int, disk: Path | None = None
+) -> tuple[BootResult, list[dict[str, Any]]]:
     t0 = now()
-    result = e2e.lab.boot(name, MAC, _disk(e2e), BOOT_TIMEOUT, MARKERS)
+    result = e2e.lab.boot(name, MAC, disk or _disk(e2e), BOOT_TIMEOUT, MARKERS)
     menus = e2e.stack.menus(t0)
     boot_ids = {m["boot_id"] for m in menus}
     reports = [r for b in boot_ids for r in e2e.stack.reports(b)]
@@ -153,3 +156,17 @@ def test_pxelinux_path_boots(e2e: E2E, path: str) -> None:
         assert "PXELINUX" in result.console
     finally:
         e2e.stack.restart_dhcp(pxelinux=False)
+
+
+def test_disk_with_another_layout_is_repartitioned(e2e: E2E) -> None:
+    """A disk whose layout differs (an MBR table, no filesystem) is made to match."""
+    raw = e2e.work / "foreign-disk.raw"
+    with raw.open("wb") as fh:
+        fh.truncate(512 * 1024 * 1024)
+    subprocess.run(["sfdisk", "-q", str(raw)], input=b"label: dos\ntype=83\n", check=True)
+    _, reports = _boot(e2e, "boot7-foreign-disk", expect_generation=2, disk=raw)
+    disk = _stage(reports, "disk")
+    assert disk["detail"].startswith("created gpt/nixboot/ext4"), disk
+    assert "partition table is 'dos', declared 'gpt'" in disk["detail"], disk
+    dump = subprocess.run(["sfdisk", "-d", str(raw)], capture_output=True, text=True, check=True)
+    assert "label: gpt" in dump.stdout and 'name="nixboot"' in dump.stdout, dump.stdout
