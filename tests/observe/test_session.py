@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nixboot_cache.timeline import session as se
 from nixboot_shared import events as ev
+from observe_bootgen import boot_events
 
 MAC = "52:54:00:12:34:56"
 RULES = se.Rules(gap_seconds=900, abandon_seconds=600)
@@ -17,47 +18,7 @@ RULES = se.Rules(gap_seconds=900, abandon_seconds=600)
 def boot(
     t0: float, gaps: list[float], boot_id: str, report_seconds: bool
 ) -> tuple[list[ev.AnyEvent], dict[str, float]]:
-    """One boot's events from 11 increasing gaps, and the stage durations it must give."""
-    t = [t0]
-    for g in gaps:
-        t.append(t[-1] + g)
-    (lease, bp_req, bp_end, menu, k_req, k_end, i_req, i_end, s1, disk, closure, booted) = t
-
-    def transfer(kind: str, req: float, end: float, bid: str | None) -> ev.BootFileRequested:
-        if report_seconds:
-            return ev.BootFileRequested(
-                mac=MAC, boot_id=bid, ts=end, seconds=end - req, file=kind, file_kind=kind,
-                client="10.0.0.5",
-            )  # fmt: skip
-        return ev.BootFileRequested(
-            mac=MAC, boot_id=bid, ts=req, file=kind, file_kind=kind, client="10.0.0.5"
-        )
-
-    events: list[ev.AnyEvent] = [
-        ev.LeaseSeen(mac=MAC, ts=lease, ip="10.0.0.5", arch="bios"),
-        transfer("boot-program", bp_req, bp_end, None),
-        ev.MenuServed(mac=MAC, boot_id=boot_id, ts=menu, format="pxelinux", client="10.0.0.5"),
-        transfer("kernel", k_req, k_end, boot_id),
-        transfer("initrd", i_req, i_end, boot_id),
-        ev.StageReported(mac=MAC, boot_id=boot_id, ts=s1, stage="stage1", status="started"),
-        ev.StageReported(mac=MAC, boot_id=boot_id, ts=disk, stage="disk"),
-        ev.StageReported(mac=MAC, boot_id=boot_id, ts=closure, stage="closure"),
-        ev.StageReported(mac=MAC, boot_id=boot_id, ts=booted, stage="booted"),
-    ]
-    # Without a duration a transfer lasts until the machine's next event.
-    ends = {"kernel": k_end, "initrd": i_end} if report_seconds else {"kernel": i_req, "initrd": s1}
-    expected = {
-        "dhcp": bp_req - lease,
-        "bootloader": menu - bp_req,
-        "menu": k_req - menu,
-        "kernel": ends["kernel"] - k_req,
-        "initrd": ends["initrd"] - i_req,
-        "stage1": disk - s1,
-        "closure": closure - disk,
-        "activation": booted - closure,
-        "total": booted - lease,
-    }
-    return events, expected
+    return boot_events(MAC, t0, gaps, boot_id, report_seconds)
 
 
 gaps_st = st.lists(st.floats(min_value=0.001, max_value=200.0), min_size=11, max_size=11)
