@@ -62,6 +62,14 @@ def _get(url: str) -> Any:
         return json.loads(r.read())
 
 
+def _ready(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/-/ready", timeout=5) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
 def query(base: str, expr: str) -> list[dict[str, Any]]:
     answer = _get(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
     assert answer["status"] == "success", (expr, answer)
@@ -128,7 +136,9 @@ def prometheus(service: int, tmp_path: Path) -> Iterator[str]:
     )
     try:
         wait_port(port, 30)
-        yield f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{port}"
+        wait_until("prometheus to be ready", lambda: _ready(base))
+        yield base
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -201,3 +211,21 @@ async def test_prometheus_scrapes_boot_timing_and_records_quantiles(
         if rule["type"] == "recording":
             assert result, rule["name"]
         assert rule.get("health") in ("ok", "unknown"), rule
+
+    # Every Prometheus query of the Grafana dashboard runs; those over the boot metrics this
+    # test produced return data.
+    dash = json.loads((DEPLOY.parent / "grafana" / "dashboards" / "nixboot.json").read_text())
+    variables = {"$__rate_interval": "1m", "$__range": "5m", "$stage": ".*"}
+    ran = 0
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            if t["datasource"]["type"] != "prometheus":
+                continue
+            expr = t["expr"]
+            for k, v in variables.items():
+                expr = expr.replace(k, v)
+            result = query(base, expr)
+            ran += 1
+            if re.search(r"nixboot_boots?_|nixboot:boot", expr):
+                assert result, (p["title"], expr)
+    assert ran > 20
