@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -164,3 +165,19 @@ def test_current_stage_follows_progress() -> None:
         "dhcp", "bootloader", "menu", "kernel", "stage1", "stage1", "closure", "activation",
         "booted",
     ]  # fmt: skip
+
+
+def test_menu_fetched_twice_before_the_kernel_is_one_boot() -> None:
+    t0 = 1.75e9
+    events, expected = boot(t0, [1.0] * 11, "b1", True)
+    again = ev.MenuServed(mac=MAC, boot_id="b2", ts=t0 + 3.5, format="pxelinux", client="x")
+    # The machine booted from the second menu: its reports carry that menu's boot id.
+    later = [
+        msgspec.structs.replace(e, boot_id="b2") if e.boot_id == "b1" and e.ts > t0 + 3.5 else e
+        for e in events
+    ]
+    state = feed([*later, again])
+    [s] = se.segment(state.events, RULES)
+    assert s.boot_ids == ["b1", "b2"]
+    got = durations(s)
+    assert got == pytest.approx(expected)

@@ -65,7 +65,12 @@ class Interval:
 @dataclass
 class Session:
     events: list[ev.AnyEvent] = field(default_factory=list)
-    boot_id: str | None = None
+    # Boot ids seen in this session, first first (a menu fetched twice renders two).
+    boot_ids: list[str] = field(default_factory=list)
+
+    @property
+    def boot_id(self) -> str | None:
+        return self.boot_ids[0] if self.boot_ids else None
 
     @property
     def start(self) -> float:
@@ -149,25 +154,30 @@ def segment(events: list[ev.AnyEvent], rules: Rules) -> list[Session]:
     A new session begins at: a lease or boot-program request after the session's outcome; any
     event after a gap of ``rules.gap_seconds``; an event carrying a boot id other than the
     session's (the machine rebooted: its trailing lease and boot-program request, which carry no
-    boot id yet, move along into the new session).
+    boot id yet, move along into the new session). A menu rendered again before the kernel was
+    asked for (the boot loader fetched it twice) is the same boot: its boot id is adopted.
     """
     sessions: list[Session] = []
     cur: Session | None = None
     for e in sorted(events, key=order_key):
         if cur is not None and _opens_new(cur, e, rules):
             nxt = Session()
-            if e.boot_id is not None and cur.boot_id not in (None, e.boot_id):
+            if _other_boot_id(cur, e):
                 nxt.events = _take_reboot_prefix(cur)
             sessions.append(cur)
             cur = nxt
         if cur is None:
             cur = Session()
         cur.events.append(e)
-        if cur.boot_id is None and e.boot_id is not None:
-            cur.boot_id = e.boot_id
+        if e.boot_id is not None and e.boot_id not in cur.boot_ids:
+            cur.boot_ids.append(e.boot_id)
     if cur is not None:
         sessions.append(cur)
     return [s for s in sessions if s.events]
+
+
+def _other_boot_id(cur: Session, e: ev.AnyEvent) -> bool:
+    return e.boot_id is not None and bool(cur.boot_ids) and e.boot_id not in cur.boot_ids
 
 
 def _opens_new(cur: Session, e: ev.AnyEvent, rules: Rules) -> bool:
@@ -175,9 +185,28 @@ def _opens_new(cur: Session, e: ev.AnyEvent, rules: Rules) -> bool:
         return False
     if e.ts - cur.last >= rules.gap_seconds:
         return True
-    if e.boot_id is not None and cur.boot_id is not None and e.boot_id != cur.boot_id:
-        return True
+    if _other_boot_id(cur, e):
+        return not _menu_fetched_again(cur, e)
     return cur.terminal() is not None and _starts_boot(e)
+
+
+def _menu_fetched_again(cur: Session, e: ev.AnyEvent) -> bool:
+    """``e`` is another menu render within the same boot: nothing past the menu happened yet,
+    and no lease since the session's last event with a boot id."""
+    is_menu = isinstance(e, ev.MenuServed) or (
+        isinstance(e, ev.BootFileRequested) and e.file_kind == "menu"
+    )
+    if not is_menu:
+        return False
+    last_with_id = max(i for i, x in enumerate(cur.events) if x.boot_id is not None)
+    for i, x in enumerate(cur.events):
+        if isinstance(x, ev.StageReported) or (
+            isinstance(x, ev.BootFileRequested) and x.file_kind in ("kernel", "initrd")
+        ):
+            return False
+        if i > last_with_id and isinstance(x, ev.LeaseSeen):
+            return False
+    return True
 
 
 def _take_reboot_prefix(cur: Session) -> list[ev.AnyEvent]:
