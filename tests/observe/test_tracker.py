@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 from nixboot_cache.timeline import session as se
 from nixboot_cache.timeline.routes import add_routes
 from nixboot_cache.timeline.tracker import DURABLE, Tracker
-from nixboot_shared import bus, events, subjects
+from nixboot_shared import bus, events, records, subjects
 from nixboot_shared.config import TimelineConfig
 from observe_bootgen import boot_events
 from prometheus_client import REGISTRY
@@ -168,13 +168,21 @@ async def test_http_routes_replay_and_cli(nc: Client, nats_url: str, tmp_path: P
 
     await wait_for(done)
     app = FastAPI()
-    add_routes(app, tracker, nc, js, TOKEN)
+    kv = {b: await js.key_value(b) for b in subjects.ALL_BUCKETS}
+    await kv[subjects.KV_MACHINES].put(
+        subjects.mac_token(mac),
+        msgspec.json.encode(records.Machine(mac=mac, name="lab-<7>", attr="lab7")),
+    )
+    add_routes(app, tracker, nc, js, TOKEN, kv)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
         r = await http.get("/boots")
         [m] = [m for m in r.json()["machines"] if m["mac"] == mac]
         assert m["stage"] == "booted" and m["result"] == "booted"
         assert m["last_boot_seconds"] == pytest.approx(5.5)
+
+        page = (await http.get("/")).text
+        assert f">{mac}</a>" in page and "lab-&lt;7&gt;" in page and ">5.5 s<" in page
 
         r = await http.get(f"/boots/{mac.replace(':', '-')}/timeline")
         assert r.status_code == 200

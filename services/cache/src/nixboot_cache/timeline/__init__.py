@@ -2,7 +2,7 @@
 
 ``setup_timeline`` is called from the cache service's setup: it loads the sessions from KV,
 starts the durable consumer and the abandon/settle ticker, and adds the HTTP routes
-``GET /boots``, ``GET /boots/{mac}/timeline`` and ``POST /replay``.
+``GET /`` (status page), ``GET /boots``, ``GET /boots/{mac}/timeline`` and ``POST /replay``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ async def setup_timeline(ctx: ServiceContext, app: FastAPI) -> None:
     tracker = Tracker(ctx.kv[subjects.KV_BOOTS], ctx.cfg.timeline)
     await tracker.load()
     api_token = security.read_or_create_secret(ctx.cfg.api_token_path())
-    add_routes(app, tracker, ctx.nc, ctx.js, api_token)
+    add_routes(app, tracker, ctx.nc, ctx.js, api_token, ctx.kv)
     sub = await tracker.subscribe(ctx.js)
 
     async def stop() -> None:

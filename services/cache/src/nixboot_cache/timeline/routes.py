@@ -8,13 +8,14 @@ from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from nixboot_shared import metrics as shared_metrics
 from nixboot_shared import security, subjects
 
-from nixboot_cache.timeline import replay, stream, views
+from nixboot_cache.timeline import page, replay, stream, views
 from nixboot_cache.timeline.tracker import Tracker
 
 
@@ -35,8 +36,17 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def add_routes(
-    app: FastAPI, tracker: Tracker, nc: Client, js: JetStreamContext, api_token: str
+    app: FastAPI,
+    tracker: Tracker,
+    nc: Client,
+    js: JetStreamContext,
+    api_token: str,
+    kv: dict[str, KeyValue] | None = None,
 ) -> None:
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def status_page() -> HTMLResponse:
+        return HTMLResponse(await page.render(tracker, kv or {}))
+
     @app.api_route("/boots", methods=["GET", "HEAD"])
     async def boots() -> JSONResponse:
         now = time.time()
