@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from nixboot_cache.timeline import session as se
 from nixboot_cache.timeline.routes import add_routes
-from nixboot_cache.timeline.tracker import DURABLE, Tracker
+from nixboot_cache.timeline.tracker import DURABLE, Tracker, follow_replay
 from nixboot_shared import bus, events, records, subjects
 from nixboot_shared.config import TimelineConfig
 from observe_bootgen import boot_events
@@ -250,6 +250,53 @@ async def test_http_routes_replay_and_cli(nc: Client, nats_url: str, tmp_path: P
         env=env, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert len(dump.read_text().splitlines()) == len(evs)
+    # Replay to a prefix with the CLI: a KV-free tracker fed from the prefix derives the same
+    # sessions, and nothing reaches the live subjects.
+    shadow = Tracker(None, CFG, record_metrics=False)
+    shadow_sub = await follow_replay(nc, shadow, "rp2")
+    live_seen: list[bytes] = []
+
+    async def on_live2(m: Msg) -> None:
+        live_seen.append(m.data)
+
+    live_sub = await nc.subscribe("nixboot.evt.>", cb=on_live2)
+    await nc.flush()
+    booted_before = sample("nixboot_boots_total", result="booted")
+    out = subprocess.run(
+        [*cli, "replay", "--mac", mac, "--since", "10m", "--speed", "max", "--to", "rp2"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert f"republished {len(evs)} events" in out.stderr
+
+    async def shadow_done() -> bool:
+        s = shadow.machines.get(subjects.mac_token(mac))
+        return s is not None and len(s.events) == len(evs)
+
+    await wait_for(shadow_done)
+    original = tracker.machines[subjects.mac_token(mac)]
+    replayed_state = shadow.machines[subjects.mac_token(mac)]
+    assert replayed_state.events == original.events
+    assert [se.stages(s) for s in se.segment(replayed_state.events, shadow.rules)] == [
+        se.stages(s) for s in se.segment(original.events, tracker.rules)
+    ]
+    # --load republishes a --dump file the same way.
+    out = subprocess.run(
+        [*cli, "replay", "--load", str(dump), "--to", "rp3"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert f"republished {len(evs)} events" in out.stderr
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    assert live_seen == []
+    assert sample("nixboot_boots_total", result="booted") == booted_before
+    bad_prefix = subprocess.run(
+        [*cli, "replay", "--since", "10m", "--to", "nixboot.evt"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad_prefix.returncode == 2 and "live" in bad_prefix.stderr
+    await shadow_sub.unsubscribe()
+    await live_sub.unsubscribe()
+
     refused = subprocess.run(
         [*cli, "events", "--since", "whenever"], env=env, capture_output=True, text=True, timeout=60
     )

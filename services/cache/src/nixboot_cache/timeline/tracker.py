@@ -11,6 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
@@ -34,11 +36,15 @@ _decoder = msgspec.json.Decoder(se.MachineBoots)
 class Tracker:
     def __init__(
         self,
-        kv: KeyValue,
+        kv: KeyValue | None,
         cfg: TimelineConfig,
         clock: Callable[[], float] = time.time,
+        record_metrics: bool = True,
     ) -> None:
+        # kv None: a replay tracker that keeps its sessions in memory only, and
+        # record_metrics False keeps replayed boots out of the live metrics.
         self.kv = kv
+        self.record_metrics = record_metrics
         self.cfg = cfg
         self.rules = se.Rules(gap_seconds=cfg.gap_seconds, abandon_seconds=cfg.abandon_seconds)
         self.clock = clock
@@ -47,6 +53,8 @@ class Tracker:
 
     async def load(self) -> None:
         """Read every machine's state from KV (start-up, after a restart)."""
+        if self.kv is None:
+            return
         try:
             keys = await self.kv.keys()
         except NoKeysError:
@@ -78,10 +86,11 @@ class Tracker:
                 state.events = state.events[-MAX_EVENTS_PER_MACHINE:]
                 state.horizon = state.events[0].ts
             self.machines[token] = state
-            metrics.EVENTS_TRACKED.labels(event.kind).inc()
             self._settle(state)
             await self._save(token, state)
-            self._update_gauge()
+            if self.record_metrics:
+                metrics.EVENTS_TRACKED.labels(event.kind).inc()
+                self._update_gauge()
 
     async def tick(self) -> None:
         """Abandon stale sessions and record the ones that settled."""
@@ -89,16 +98,19 @@ class Tracker:
             for token, state in self.machines.items():
                 if self._settle(state):
                     await self._save(token, state)
-            self._update_gauge()
+            if self.record_metrics:
+                self._update_gauge()
 
     def _settle(self, state: se.MachineBoots) -> bool:
         outcomes = se.settled(state, self.clock(), self.rules, self.cfg.settle_seconds)
-        for o in outcomes:
-            metrics.record(o)
+        if self.record_metrics:
+            for o in outcomes:
+                metrics.record(o)
         return bool(outcomes)
 
     async def _save(self, token: str, state: se.MachineBoots) -> None:
-        await self.kv.put(token, _encoder.encode(state))
+        if self.kv is not None:
+            await self.kv.put(token, _encoder.encode(state))
 
     def _update_gauge(self) -> None:
         now = self.clock()
@@ -122,6 +134,20 @@ class Tracker:
         """Durable consumer over every event from the stream's start: a first start (or a new
         deployment) builds sessions from the whole retained history."""
         return await bus.subscribe_events(js, self.handle, durable=DURABLE, deliver_new=False)
+
+
+async def follow_replay(nc: Client, tracker: Tracker, prefix: str) -> Any:
+    """Feed ``tracker`` from events republished under ``prefix`` (core NATS, see replay.py)."""
+
+    async def on_msg(msg: Msg) -> None:
+        try:
+            event = ev.decode(msg.data)
+        except ev.BadEvent as e:
+            log.error("replay: rejected message on %s: %s", msg.subject, e)
+            return
+        await tracker.handle(event)
+
+    return await nc.subscribe(f"{prefix}.{subjects.EVENTS_SUBJECTS}", cb=on_msg)
 
 
 def latest_boot(state: se.MachineBoots, rules: se.Rules) -> se.Session | None:
