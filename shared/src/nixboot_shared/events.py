@@ -189,6 +189,7 @@ def encode(event: Event) -> bytes:
 def decode(payload: bytes) -> AnyEvent:
     """Decode one event; raise ``BadEvent`` naming what is wrong."""
     try:
-        return _decoder.decode(payload)
+        event: AnyEvent = _decoder.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
         raise BadEvent(f"undecodable event: {e}") from e
+    return event

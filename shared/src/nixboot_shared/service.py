@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,15 @@ class NoNatsConfigured(RuntimeError):
     pass
 
 
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the service frame owns SIGTERM/SIGINT and shuts
+    down NATS consumers and threads in order (uvicorn would re-raise the signal afterwards)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> None:
     if not cfg.nats.url:
         raise NoNatsConfigured(
@@ -85,14 +94,13 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> No
     ctx = ServiceContext(name=name, cfg=cfg, nc=nc, js=js, kv=kv)
     app = base_app(name, nc)
     await setup(ctx, app)
-    server = uvicorn.Server(
+    server = _QuietServer(
         uvicorn.Config(app, host=listen.host, port=listen.port, log_level="warning", lifespan="off")
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     serve_task = asyncio.ensure_future(server.serve())
     log.info("%s: http on %s:%d", name, listen.host, listen.port)
     done_waiter = asyncio.ensure_future(stop.wait())
