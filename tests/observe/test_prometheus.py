@@ -19,18 +19,13 @@ from typing import Any
 
 import nats
 import pytest
-from conftest import free_port, wait_port
+
 from nixboot_cache.timeline import session as se
 from nixboot_shared import bus
-from observe_bootgen import boot_events
+from tests.conftest import free_port, tool, wait_port
+from tests.observe.observe_bootgen import boot_events
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
-PROMTOOL = shutil.which("promtool")
-PROMETHEUS = shutil.which("prometheus")
-need_prometheus = pytest.mark.skipif(
-    PROMETHEUS is None or PROMTOOL is None,
-    reason="Debian package prometheus (deploy/packages/observe.txt) is not installed",
-)
 
 SERVICE = """
 import sys
@@ -41,18 +36,17 @@ sys.exit(service.run("cache", cfg, cfg.cache.http, setup_timeline))
 """
 
 
-@need_prometheus
 def test_promtool_accepts_config_and_rules() -> None:
-    assert PROMTOOL is not None
+    promtool = tool("promtool")  # Debian package prometheus (deploy/packages/observe.txt)
     out = subprocess.run(
-        [PROMTOOL, "check", "config", str(DEPLOY / "prometheus.yml")],
+        [promtool, "check", "config", str(DEPLOY / "prometheus.yml")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     rules = sorted(str(p) for p in (DEPLOY / "rules").glob("*.yml"))
     assert len(rules) == 2
     out = subprocess.run(
-        [PROMTOOL, "check", "rules", *rules], capture_output=True, text=True, timeout=60
+        [promtool, "check", "rules", *rules], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -88,12 +82,12 @@ def wait_until(what: str, cond: Any, timeout: float = 60.0) -> Any:
 
 
 @pytest.fixture
-def service(nats_url: str, tmp_path: Path) -> Iterator[int]:
+def service(isolated_nats_url: str, tmp_path: Path) -> Iterator[int]:
     port = free_port()
     env = {
         **os.environ,
         "NIXBOOT_CONFIG": "",
-        "NIXBOOT_NATS__URL": nats_url,
+        "NIXBOOT_NATS__URL": isolated_nats_url,
         "NIXBOOT_STATE_DIR": str(tmp_path / "state"),
         "NIXBOOT_CACHE__HTTP__HOST": "127.0.0.1",
         "NIXBOOT_CACHE__HTTP__PORT": str(port),
@@ -115,7 +109,6 @@ def service(nats_url: str, tmp_path: Path) -> Iterator[int]:
 def prometheus(service: int, tmp_path: Path) -> Iterator[str]:
     """Debian's prometheus with deploy/prometheus/prometheus.yml: the cache target rewritten to
     the test service's port, 1 s scrape and rule intervals, its own tmp storage."""
-    assert PROMETHEUS is not None
     conf_dir = tmp_path / "prom"
     shutil.copytree(DEPLOY, conf_dir)
     text = (DEPLOY / "prometheus.yml").read_text()
@@ -126,7 +119,7 @@ def prometheus(service: int, tmp_path: Path) -> Iterator[str]:
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [
-            PROMETHEUS,
+            tool("prometheus"),
             f"--config.file={conf_dir / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{port}",
@@ -145,9 +138,8 @@ def prometheus(service: int, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-@need_prometheus
 async def test_prometheus_scrapes_boot_timing_and_records_quantiles(
-    nats_url: str, prometheus: str
+    isolated_nats_url: str, prometheus: str
 ) -> None:
     base = prometheus
     wait_until(
@@ -159,7 +151,7 @@ async def test_prometheus_scrapes_boot_timing_and_records_quantiles(
     )
     # Six boots, each stage with its own duration (closure: 3 s, menu: 0.5 s).
     gaps = [0.2, 0.1, 0.05, 0.5, 0.8, 0.3, 0.9, 0.4, 6.0, 3.0, 1.2]
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(isolated_nats_url)
     js = nc.jetstream()
     t0 = time.time() - 300
     for i in range(6):

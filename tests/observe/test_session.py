@@ -8,9 +8,10 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from nixboot_cache.timeline import session as se
 from nixboot_shared import events as ev
-from observe_bootgen import boot_events
+from tests.observe.observe_bootgen import boot_events
 
 MAC = "52:54:00:12:34:56"
 RULES = se.Rules(gap_seconds=900, abandon_seconds=600)

@@ -22,13 +22,14 @@ from fastapi import FastAPI
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
+from prometheus_client import REGISTRY
+
 from nixboot_cache.timeline import session as se
 from nixboot_cache.timeline.routes import add_routes
 from nixboot_cache.timeline.tracker import DURABLE, Tracker, follow_replay
 from nixboot_shared import bus, events, records, subjects
 from nixboot_shared.config import TimelineConfig
-from observe_bootgen import boot_events
-from prometheus_client import REGISTRY
+from tests.observe.observe_bootgen import boot_events
 
 CFG = TimelineConfig(settle_seconds=5, tick_seconds=0.2)
 TOKEN = "test-token-0123456789"
@@ -39,8 +40,8 @@ def sample(name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
+async def nc(isolated_nats_url: str) -> AsyncIterator[Client]:
+    client = await nats.connect(isolated_nats_url)
     js = client.jetstream()
     await bus.bootstrap(js)
     # Every test starts from an empty stream, no consumer position and no sessions.
@@ -155,7 +156,9 @@ async def test_abandoned_boot_is_counted_after_the_timeout(nc: Client) -> None:
     assert sample("nixboot_boots_total", result="abandoned") == before + 1
 
 
-async def test_http_routes_replay_and_cli(nc: Client, nats_url: str, tmp_path: Path) -> None:
+async def test_http_routes_replay_and_cli(
+    nc: Client, isolated_nats_url: str, tmp_path: Path
+) -> None:
     mac = "52:54:00:aa:00:03"
     js = nc.jetstream()
     evs, _ = boot_events(mac, time.time() - 60, [0.5] * 11, "boot-c")
@@ -227,7 +230,7 @@ async def test_http_routes_replay_and_cli(nc: Client, nats_url: str, tmp_path: P
     await sub.unsubscribe()  # type: ignore[attr-defined]
 
     # The CLI as a real process.
-    env = {**os.environ, "NIXBOOT_CONFIG": "", "NIXBOOT_NATS__URL": nats_url}
+    env = {**os.environ, "NIXBOOT_CONFIG": "", "NIXBOOT_NATS__URL": isolated_nats_url}
     cli = [sys.executable, "-m", "nixboot_cache.timeline.cli"]
     out = subprocess.run(
         [*cli, "events", "--mac", mac, "--since", "10m", "--json"],

@@ -8,11 +8,11 @@ starts the durable consumer and the abandon/settle ticker, and adds the HTTP rou
 from __future__ import annotations
 
 from fastapi import FastAPI
-from nixboot_shared import security, subjects
-from nixboot_shared.service import ServiceContext
 
 from nixboot_cache.timeline.routes import add_routes
 from nixboot_cache.timeline.tracker import Tracker
+from nixboot_shared import security, subjects
+from nixboot_shared.service import ServiceContext
 
 
 async def setup_timeline(ctx: ServiceContext, app: FastAPI) -> None:

@@ -22,13 +22,13 @@ import msgspec
 import typer
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError, NotFoundError
-from nixboot_shared import bus, config, subjects
 from rich.console import Console
 from rich.table import Table
 
 from nixboot_cache.timeline import replay as replay_mod
 from nixboot_cache.timeline import session as se
 from nixboot_cache.timeline import stream, views
+from nixboot_shared import bus, config, subjects
 
 app = typer.Typer(no_args_is_help=True, help="Boot events, timelines and replay.")
 T = TypeVar("T")

@@ -10,10 +10,10 @@ from typing import Any
 import msgspec
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
-from nixboot_shared import records, subjects
 
 from nixboot_cache.timeline import views
 from nixboot_cache.timeline.tracker import Tracker
+from nixboot_shared import records, subjects
 
 STYLE = """
 body { font: 14px system-ui, sans-serif; margin: 2em; color: #222; }

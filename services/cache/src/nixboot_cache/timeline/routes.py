@@ -12,11 +12,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
-from nixboot_shared import metrics as shared_metrics
-from nixboot_shared import security, subjects
 
 from nixboot_cache.timeline import page, replay, stream, views
 from nixboot_cache.timeline.tracker import Tracker
+from nixboot_shared import metrics as shared_metrics
+from nixboot_shared import security, subjects
 
 
 class ReplayRequest(msgspec.Struct, forbid_unknown_fields=True):

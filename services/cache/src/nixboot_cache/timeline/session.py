@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
+
 from nixboot_shared import events as ev
 
 # Stages in boot order; the label values of nixboot_boot_stage_duration_seconds{stage}.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
 from nixboot_shared import events as ev
 from nixboot_shared import subjects
 

@@ -16,12 +16,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
-from nixboot_shared import bus, subjects
-from nixboot_shared import events as ev
-from nixboot_shared.config import TimelineConfig
 
 from nixboot_cache.timeline import metrics
 from nixboot_cache.timeline import session as se
+from nixboot_shared import bus, subjects
+from nixboot_shared import events as ev
+from nixboot_shared.config import TimelineConfig
 
 log = logging.getLogger(__name__)
 

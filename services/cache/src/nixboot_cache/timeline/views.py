@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from nixboot_shared import events as ev
 
 from nixboot_cache.timeline import session as se
+from nixboot_shared import events as ev
 
 
 def event_view(e: ev.AnyEvent) -> dict[str, Any]:
