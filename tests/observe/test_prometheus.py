@@ -51,6 +51,16 @@ def test_promtool_accepts_config_and_rules() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_promtool_unit_tests_of_the_rules() -> None:
+    """Synthetic series: failing boots, a slow stage, a service down, a full cache."""
+    out = subprocess.run(
+        [tool("promtool"), "test", "rules", "tests/nixboot-alerts.test.yml"],
+        capture_output=True, text=True, timeout=60, cwd=DEPLOY,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
+
+
 def _get(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.loads(r.read())
