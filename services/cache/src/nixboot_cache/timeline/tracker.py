@@ -89,8 +89,9 @@ class Tracker:
             self._settle(state)
             await self._save(token, state)
             if self.record_metrics:
+                # The per-stage gauge is refreshed by tick(): recomputing every machine's
+                # sessions on each event would cost O(machines) per event.
                 metrics.EVENTS_TRACKED.labels(event.kind).inc()
-                self._update_gauge()
 
     async def tick(self) -> None:
         """Abandon stale sessions and record the ones that settled."""
