@@ -304,3 +304,27 @@ async def test_http_routes_replay_and_cli(
         [*cli, "events", "--since", "whenever"], env=env, capture_output=True, text=True, timeout=60
     )
     assert refused.returncode == 2 and "cannot read time" in refused.stderr
+
+
+async def test_events_follow_prints_new_events(nc: Client, isolated_nats_url: str) -> None:
+    mac = "52:54:00:aa:00:04"
+    js = nc.jetstream()
+    old = events.LeaseSeen(mac=mac, ip="10.0.0.9")
+    await bus.publish(js, old)
+    env = {**os.environ, "NIXBOOT_CONFIG": "", "NIXBOOT_NATS__URL": isolated_nats_url}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nixboot_cache.timeline.cli", "events", "--follow", "--json",
+        "--mac", mac, env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        first = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert first["id"] == old.id
+        new = events.StageReported(mac=mac, boot_id="f", stage="stage1", status="started")
+        await bus.publish(js, new)
+        await bus.publish(js, events.LeaseSeen(mac="52:54:00:aa:00:05", ip="10.0.0.10"))
+        second = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert second["id"] == new.id and second["stage"] == "stage1"
+    finally:
+        proc.terminate()
+        await proc.wait()

@@ -62,6 +62,8 @@ def _run(server: str | None, work: Callable[[Client], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except stream.BadQuery as e:
         raise typer.BadParameter(str(e)) from None
+    except KeyboardInterrupt:  # --follow ends with Ctrl-C
+        raise typer.Exit(130) from None
 
 
 def _query(
