@@ -182,3 +182,13 @@ def test_menu_fetched_twice_before_the_kernel_is_one_boot() -> None:
     assert s.boot_ids == ["b1", "b2"]
     got = durations(s)
     assert got == pytest.approx(expected)
+
+
+def test_an_abandoned_boot_without_boot_id_is_counted_once_despite_a_late_earlier_event() -> None:
+    t0 = 1.75e9
+    events, _ = boot(t0, [1.0] * 11, "b1", True)
+    lease, bp = events[0], events[1]
+    state = feed([bp])
+    assert [o.result for o in se.settled(state, t0 + 1000, RULES, 30)] == ["abandoned"]
+    se.add_event(state, lease, RULES, 5)  # arrives late, becomes the session's first event
+    assert se.settled(state, t0 + 1000, RULES, 30) == []

@@ -370,8 +370,11 @@ def settled(
     """
     out: list[Outcome] = []
     sessions = segment(state.events, rules)
+    counted = set(state.counted)
     for i, s in enumerate(sessions):
-        if s.key in state.counted or not s.is_boot():
+        # A session without a boot id is keyed by its first event; a late event may become
+        # its new first event, so any of its events being a counted key means counted.
+        if not s.is_boot() or s.key in counted or any(e.id in counted for e in s.events):
             continue
         result = s.result(now, rules, superseded=i < len(sessions) - 1)
         if result == "active":
