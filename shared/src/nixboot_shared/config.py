@@ -100,6 +100,21 @@ class DhcpHookConfig(_Section):
     spool_dir: str = ""
 
 
+class TimelineConfig(_Section):
+    """Boot sessions (the cache service's timeline tracker)."""
+
+    # A gap this long between two events of one machine starts a new boot session.
+    gap_seconds: float = 900.0
+    # A boot with no outcome this long after its last event counts as abandoned.
+    abandon_seconds: float = 900.0
+    # After booted/failed, wait this long for late transfer events before recording the metrics.
+    settle_seconds: float = 30.0
+    # Sessions kept per machine (KV nixboot-boots) for /boots/<mac>/timeline.
+    keep_sessions: int = 5
+    # How often abandoned and settled sessions are looked for.
+    tick_seconds: float = 5.0
+
+
 class MachineEntry(_Section):
     mac: str
     name: str
@@ -120,6 +135,7 @@ class Config(_Section):
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     builder: BuilderConfig = msgspec.field(default_factory=BuilderConfig)
     dhcp_hook: DhcpHookConfig = msgspec.field(default_factory=DhcpHookConfig)
+    timeline: TimelineConfig = msgspec.field(default_factory=TimelineConfig)
     machines: list[MachineEntry] = msgspec.field(default_factory=list)
 
     @property
@@ -173,6 +189,11 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{section}: port {port} is outside 0..65535")
     if cfg.builder.keep_generations < 1:
         raise ConfigError("builder.keep_generations: must be at least 1")
+    if cfg.timeline.keep_sessions < 1:
+        raise ConfigError("timeline.keep_sessions: must be at least 1")
+    for key in ("gap_seconds", "abandon_seconds", "tick_seconds"):
+        if getattr(cfg.timeline, key) <= 0:
+            raise ConfigError(f"timeline.{key}: must be positive")
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"log_level: {cfg.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
     for i, m in enumerate(cfg.machines):
