@@ -82,7 +82,7 @@ def main() -> None:
         print(f"{'nixboot cold substitution':32} {cold:9.2f}")
         h = top.removeprefix("/nix/store/")[:32]
         print(f"\n{'narinfo, wrk -c16 5s':32} {'req/s':>9} {'p50':>9} {'p99':>9}")
-        for name, url in (("nginx", nginx.url), ("nixboot (uvicorn)", ours.url)):
+        for name, url in (("nginx", nginx.url), ("nixboot (granian, embedded)", ours.url)):
             rps, p50, p99 = wrk(f"{url}/{h}.narinfo")
             print(f"{name:32} {rps:9.0f} {p50:>9} {p99:>9}")
     finally:
