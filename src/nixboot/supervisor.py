@@ -82,10 +82,15 @@ class Child:
         self.started = time.monotonic()
         self.healthy = False
 
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+    def wait_or_kill(self, timeout: float = 5.0) -> None:
+        """Wait for the exit a `terminate()` asked for. Never a second SIGTERM: once the service
+        has removed its handler, another one would kill it mid-cleanup."""
+        if self.proc is None:
             return
-        self.proc.terminate()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -165,10 +170,9 @@ class Supervisor:
     def stop(self) -> None:
         self.stopping = True
         for child in self.children:
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.terminate()
+            child.terminate()
         for child in self.children:
-            child.stop()
+            child.wait_or_kill()
             if child.proc is not None:
                 self.say(f"{child.name}: stopped (exit {child.proc.returncode})")
         if self.nats is not None and self.nats.poll() is None:

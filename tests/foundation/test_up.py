@@ -45,7 +45,8 @@ class Stack:
             env=env,
             text=True,
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -142,7 +143,11 @@ def test_up_supervises_and_serves_the_thin_flow(stack: Stack) -> None:
         check=True,
     )
     assert json.loads(status.stdout)["nats"]["streams"]["NIXBOOT_EVENTS"]["messages"] >= 1
-    stack.wait(lambda: any("would warm" in line for line in stack.lines), 5, "cache saw the lease")
+    stack.wait(
+        lambda: any("lease of 52:54:00:12:34:56" in line for line in stack.lines),
+        5,
+        "cache saw the lease",
+    )
 
     # Bad input: an invalid MAC or a missing token changes nothing.
     bad = httpx.post(
@@ -169,8 +174,9 @@ def test_up_supervises_and_serves_the_thin_flow(stack: Stack) -> None:
     pids = [stack.pid_of(n) for n in SERVICES]
     stack.proc.send_signal(signal.SIGTERM)
     assert stack.proc.wait(20) == 0
+    stack.reader.join(5)  # every line the supervisor printed, up to its exit
     for name in SERVICES:
-        assert f"nixboot: {name}: stopped (exit 0)" in stack.lines, stack.lines[-20:]
+        assert f"nixboot: {name}: stopped (exit 0)" in stack.lines, "\n".join(stack.lines[-30:])
     stack.wait(lambda: not any(alive(p) for p in pids), 5, "children gone")
     nats_pids = subprocess.run(
         ["pgrep", "-f", "--", f"-p {stack.nats_port}"], capture_output=True, text=True

@@ -59,7 +59,7 @@ class LeaseSeen(Event, tag="lease"):
 
 
 FileKind = Literal["boot-program", "menu", "kernel", "initrd", "other"]
-TransferResult = Literal["ok", "not-found", "denied", "error", "timeout"]
+TransferResult = Literal["ok", "not-found", "denied", "error", "timeout", "aborted"]
 
 
 class BootFileRequested(Event, tag="boot-file"):

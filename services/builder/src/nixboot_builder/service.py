@@ -1,27 +1,90 @@
-"""builder service (foundation stage): publishes the configured machines to the registry."""
+"""builder service: the machine registry, the build work queue consumer, flake polling, the HTTP
+API, and one-shot pins spent when a machine reports it booted."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
-import msgspec
 from fastapi import FastAPI
 
-from nixboot_shared import records, subjects
+from nixboot_builder import api, demo, generations
+from nixboot_builder.nix import Nix
+from nixboot_builder.poller import FlakePoller
+from nixboot_builder.store import Store
+from nixboot_builder.worker import Builder
+from nixboot_shared import bus, events, subjects
 from nixboot_shared.config import Config
+from nixboot_shared.records import Machine
+from nixboot_shared.security import read_or_create_secret
 from nixboot_shared.service import ServiceContext, run
 
 log = logging.getLogger(__name__)
 
 
+def flake_ref(cfg: Config) -> str:
+    """The configured flake, or a prepared copy of the bundled demo under the state directory."""
+    if cfg.builder.flake:
+        return cfg.builder.flake
+    return demo.prepare(cfg.state_path / "demo-flake")
+
+
 async def setup(ctx: ServiceContext, app: FastAPI) -> None:
-    kv = ctx.kv[subjects.KV_MACHINES]
-    for entry in ctx.cfg.machines:
-        machine = records.Machine(
-            mac=entry.mac, name=entry.name, attr=entry.attr, labels=entry.labels
+    cfg = ctx.cfg
+    token = read_or_create_secret(cfg.api_token_path())
+    store = Store(ctx.js, ctx.kv[subjects.KV_MACHINES], ctx.kv[subjects.KV_GENERATIONS])
+    for entry in cfg.machines:
+        await store.put_machine(
+            Machine(mac=entry.mac, name=entry.name, attr=entry.attr, labels=entry.labels)
         )
-        await kv.put(subjects.mac_token(machine.mac), msgspec.json.encode(machine))
-    log.info("registry: %d machines from configuration", len(ctx.cfg.machines))
+    log.info("registry: %d machines from configuration", len(cfg.machines))
+    flake = flake_ref(cfg)
+    nix = Nix(cfg.builder.nix_options)
+    state_dir = Path(cfg.state_dir)
+    builder = Builder(
+        ctx.nc,
+        ctx.js,
+        store,
+        nix,
+        flake,
+        state_dir,
+        cfg.builder.keep_generations,
+        cfg.fallback_attr,
+    )
+    ctx.spawn(builder.run(), "builds")
+    if cfg.builder.poll_seconds > 0:
+        poller = FlakePoller(ctx.js, store, nix, flake, cfg.fallback_attr)
+        ctx.spawn(poller.run(cfg.builder.poll_seconds), "poll")
+
+    async def on_stage(event: events.AnyEvent) -> None:
+        # A machine that booted has spent its one-shot pin.
+        if not isinstance(event, events.StageReported) or event.mac is None:
+            return
+        if event.stage != "booted" or event.status != "done":
+            return
+        key = subjects.mac_token(event.mac)
+        record = await store.generations(key)
+        if record is not None and record.next_boot is not None:
+            await store.update_generations(key, event.mac, generations.consume_next_boot)
+
+    await bus.subscribe_events(
+        ctx.js, on_stage, durable="builder-oneshot", filter_subject=f"{subjects.PREFIX}.evt.stage.>"
+    )
+
+    async def list_attrs() -> list[str] | None:
+        return await api.flake_attrs(nix, flake)
+
+    api.install(
+        app,
+        nc=ctx.nc,
+        js=ctx.js,
+        store=store,
+        nix=nix,
+        state_dir=state_dir,
+        token=token,
+        list_attrs=list_attrs,
+    )
+    log.info("builder: flake %s, keeping %d generations", flake, cfg.builder.keep_generations)
 
 
 def main(cfg: Config) -> int:

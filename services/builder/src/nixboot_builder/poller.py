@@ -1,0 +1,62 @@
+"""Flake change detection: poll the flake's fingerprint (git revision, or the NAR hash of a path
+flake's files) and queue a build of every configuration in use when it changes, or when a
+configuration has no generation built from the current fingerprint (first start)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.js import JetStreamContext
+
+from nixboot_builder.nix import Nix, NixError
+from nixboot_builder.store import FALLBACK_KEY, Store
+from nixboot_builder.worker import request_build
+from nixboot_shared import subjects
+
+log = logging.getLogger(__name__)
+
+
+class FlakePoller:
+    def __init__(
+        self, js: JetStreamContext, store: Store, nix: Nix, flake: str, fallback_attr: str = ""
+    ) -> None:
+        self.js, self.store, self.nix, self.flake = js, store, nix, flake
+        self.fallback_attr = fallback_attr
+        self.fingerprint: str | None = None
+
+    async def attrs_needing_build(self, fingerprint: str) -> list[str]:
+        """Attributes in use whose machines' newest generation is not from ``fingerprint``."""
+        stale: set[str] = set()
+        users = [(subjects.mac_token(m.mac), m.attr) for m in await self.store.machines()]
+        if self.fallback_attr:
+            users.append((FALLBACK_KEY, self.fallback_attr))
+        for key, attr in users:
+            record = await self.store.generations(key)
+            newest = record.newest_first()[0] if record and record.generations else None
+            if newest is None or newest.flake_rev != fingerprint:
+                stale.add(attr)
+        return sorted(stale)
+
+    async def poll_once(self) -> list[str]:
+        """One poll; returns the attributes queued."""
+        try:
+            fingerprint = await self.nix.flake_fingerprint(self.flake)
+        except NixError as e:
+            log.warning("flake poll: %s", e)
+            return []
+        if fingerprint == self.fingerprint:
+            return []
+        attrs = await self.attrs_needing_build(fingerprint)
+        for attr in attrs:
+            # Keyed by revision: every builder instance polls, JetStream keeps one request.
+            await request_build(self.js, attr, "flake-change", dedupe_key=f"{attr}@{fingerprint}")
+        if attrs:
+            log.info("flake %s changed (%s): queued %s", self.flake, fingerprint, ", ".join(attrs))
+        self.fingerprint = fingerprint
+        return attrs
+
+    async def run(self, interval: float) -> None:
+        while True:
+            await self.poll_once()
+            await asyncio.sleep(interval)

@@ -1,0 +1,218 @@
+"""The build pipeline: take a request off the shared JetStream work queue, build it with nix,
+record generations for every machine using the attribute, then ack. A builder killed mid-build
+never acks, so JetStream redelivers the request to another (or the restarted) instance."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import FetchTimeoutError
+
+from nixboot_builder import gcroots, generations, nixlog, wire
+from nixboot_builder.nix import Nix, NixError, read_boot_files
+from nixboot_builder.store import FALLBACK_KEY, Store
+from nixboot_shared import bus, events, subjects
+from nixboot_shared.records import Generation, MachineGenerations
+
+log = logging.getLogger(__name__)
+
+DURABLE = "nixboot-builders"
+# Redelivery delay after a crash; a live builder extends it with in-progress acks.
+ACK_WAIT_SECONDS = 10.0
+PROGRESS_EVERY_SECONDS = 0.5
+
+
+async def request_build(
+    js: JetStreamContext, attr: str, reason: str, dedupe_key: str | None = None
+) -> wire.BuildRequest:
+    """Queue a build of ``attr``. ``dedupe_key`` (e.g. attr + flake revision) makes requests from
+    several instances or polls collapse into one within JetStream's duplicate window."""
+    req = wire.BuildRequest(attr=attr, reason=reason)
+    headers = {"Nats-Msg-Id": dedupe_key or req.build_id}
+    ack = await js.publish(subjects.build_request_subject(attr), wire.encode(req), headers=headers)
+    if ack.duplicate:
+        log.info("build of %s already queued (%s)", attr, dedupe_key)
+        return req
+    await bus.publish(js, events.BuildRequested(build_id=req.build_id, attr=attr, reason=reason))
+    return req
+
+
+class Builder:
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        store: Store,
+        nix: Nix,
+        flake: str,
+        state_dir: Path,
+        keep: int,
+        fallback_attr: str = "",
+    ) -> None:
+        self.nc, self.js, self.store, self.nix = nc, js, store, nix
+        self.flake, self.state_dir, self.keep = flake, state_dir, keep
+        self.fallback_attr = fallback_attr
+
+    async def run(self) -> None:
+        sub = await self.js.pull_subscribe(
+            subjects.BUILDS_SUBJECTS,
+            durable=DURABLE,
+            stream=subjects.BUILDS_STREAM,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_SECONDS, max_deliver=-1
+            ),
+        )
+        while True:
+            try:
+                msgs = await sub.fetch(1, timeout=5)
+            except (FetchTimeoutError, TimeoutError):
+                continue
+            for msg in msgs:
+                await self._handle(msg)
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            req = wire.decode_request(msg.data)
+        except Exception as e:
+            log.error("dropping undecodable build request on %s: %s", msg.subject, e)
+            await msg.term()
+            return
+        heartbeat = asyncio.ensure_future(self._keep_alive(msg))
+        try:
+            await self.build(req)
+        except Exception:
+            # NATS or KV trouble while recording: let another attempt redo it.
+            log.exception("build %s could not be recorded; will be redelivered", req.build_id)
+            await msg.nak(delay=2)
+            return
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        await msg.ack_sync()
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(ACK_WAIT_SECONDS / 3)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _log(self, build_id: str, record: wire.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.publish(subjects.build_log_subject(build_id), wire.encode(record))
+
+    async def build(self, req: wire.BuildRequest) -> Generation | None:
+        """Build one request and record the result; a nix failure is a result (BuildFailed)."""
+        started = time.monotonic()
+        bid, attr = req.build_id, req.attr
+        try:
+            rev = await self.nix.flake_fingerprint(self.flake)
+        except NixError as e:
+            await self._fail(req, str(e), e.log_tail)
+            return None
+        await bus.publish(self.js, events.BuildStarted(build_id=bid, attr=attr, flake_rev=rev))
+        last_progress = 0.0
+
+        async def on_update(updates: list[nixlog.Update]) -> None:
+            nonlocal last_progress
+            for u in updates:
+                if isinstance(u, nixlog.LogLine | nixlog.ErrorMessage):
+                    await self._log(bid, wire.LogRecord(kind="line", text=u.text))
+                else:
+                    rec = wire.LogRecord(
+                        kind="progress", done=u.done, expected=u.expected, current=u.current
+                    )
+                    await self._log(bid, rec)
+                    now = time.monotonic()
+                    if now - last_progress >= PROGRESS_EVERY_SECONDS or u.done == u.expected:
+                        last_progress = now
+                        await bus.publish(
+                            self.js,
+                            events.BuildProgress(
+                                build_id=bid,
+                                attr=attr,
+                                done=u.done,
+                                expected=u.expected,
+                                current=u.current,
+                            ),
+                        )
+
+        try:
+            toplevel, _state, _lines = await self.nix.build(self.flake, attr, on_update)
+            boot = read_boot_files(toplevel)
+            closure = await self.nix.closure_size(toplevel)
+        except NixError as e:
+            await self._fail(req, str(e), e.log_tail)
+            return None
+        seconds = time.monotonic() - started
+        new = Generation(
+            number=0,
+            toplevel=boot.toplevel,
+            kernel=boot.kernel,
+            initrd=boot.initrd,
+            kernel_params=boot.kernel_params,
+            init=boot.init,
+            flake_rev=rev,
+            closure_size=closure,
+            created=time.time(),
+        )
+        created = await self.record(attr, new)
+        # Announced after recording: whoever sees it finds the generations already in KV.
+        await bus.publish(
+            self.js,
+            events.BuildSucceeded(build_id=bid, attr=attr, toplevel=toplevel, seconds=seconds),
+        )
+        await self._log(bid, wire.LogRecord(kind="end", ok=True, toplevel=toplevel))
+        log.info("build %s of %s: %s in %.1fs", bid, attr, toplevel, seconds)
+        return created
+
+    async def record(self, attr: str, new: Generation) -> Generation | None:
+        """Add ``new`` to every machine using ``attr`` (and the fallback record)."""
+        machines = await self.store.machines()
+        targets = [(subjects.mac_token(m.mac), m.mac) for m in machines if m.attr == attr]
+        if attr == self.fallback_attr:
+            targets.append((FALLBACK_KEY, FALLBACK_KEY))
+        created_any: Generation | None = None
+        for key, mac in targets:
+            outcome: list[generations.Added] = []
+
+            def apply(
+                record: MachineGenerations, outcome: list[generations.Added] = outcome
+            ) -> MachineGenerations:
+                outcome.clear()
+                outcome.append(generations.add_build(record, new, self.keep))
+                return outcome[0].record
+
+            record = await self.store.update_generations(key, mac, apply)
+            await gcroots.sync(self.nix, self.state_dir, key, record)
+            created = outcome[0].created if outcome else None
+            if created is not None:
+                created_any = created
+                await bus.publish(
+                    self.js,
+                    events.GenerationCreated(
+                        mac=None if key == FALLBACK_KEY else mac,
+                        number=created.number,
+                        toplevel=created.toplevel,
+                        attr=attr,
+                    ),
+                )
+        return created_any
+
+    async def _fail(self, req: wire.BuildRequest, error: str, tail: str) -> None:
+        log.warning("build %s of %s failed: %s", req.build_id, req.attr, error)
+        await bus.publish(
+            self.js,
+            events.BuildFailed(
+                build_id=req.build_id, attr=req.attr, error=error[:4000], log_tail=tail[-4000:]
+            ),
+        )
+        await self._log(req.build_id, wire.LogRecord(kind="end", ok=False, text=error))
