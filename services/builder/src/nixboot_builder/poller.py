@@ -50,7 +50,13 @@ class FlakePoller:
         attrs = await self.attrs_needing_build(fingerprint)
         for attr in attrs:
             # Keyed by revision: every builder instance polls, JetStream keeps one request.
-            await request_build(self.js, attr, "flake-change", dedupe_key=f"{attr}@{fingerprint}")
+            await request_build(
+                self.js,
+                attr,
+                "flake-change",
+                dedupe_key=f"{attr}@{fingerprint}",
+                flake_rev=fingerprint,
+            )
         if attrs:
             log.info("flake %s changed (%s): queued %s", self.flake, fingerprint, ", ".join(attrs))
         self.fingerprint = fingerprint

@@ -31,11 +31,15 @@ PROGRESS_EVERY_SECONDS = 0.5
 
 
 async def request_build(
-    js: JetStreamContext, attr: str, reason: str, dedupe_key: str | None = None
+    js: JetStreamContext,
+    attr: str,
+    reason: str,
+    dedupe_key: str | None = None,
+    flake_rev: str | None = None,
 ) -> wire.BuildRequest:
     """Queue a build of ``attr``. ``dedupe_key`` (e.g. attr + flake revision) makes requests from
     several instances or polls collapse into one within JetStream's duplicate window."""
-    req = wire.BuildRequest(attr=attr, reason=reason)
+    req = wire.BuildRequest(attr=attr, reason=reason, flake_rev=flake_rev)
     headers = {"Nats-Msg-Id": dedupe_key or req.build_id}
     ack = await js.publish(subjects.build_request_subject(attr), wire.encode(req), headers=headers)
     if ack.duplicate:
@@ -114,7 +118,7 @@ class Builder:
         started = time.monotonic()
         bid, attr = req.build_id, req.attr
         try:
-            rev = await self.nix.flake_fingerprint(self.flake)
+            rev = req.flake_rev or await self.nix.flake_fingerprint(self.flake)
         except NixError as e:
             await self._fail(req, str(e), e.log_tail)
             return None
