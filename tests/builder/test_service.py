@@ -208,6 +208,9 @@ async def test_failing_flake_keeps_generation_and_bad_input_is_refused(
             r = await http.post("/machines/pc-a/pin", json={"number": 1, "once": True})
             assert r.status_code == 200 and r.json()["next_boot"] == 1
         await evlog.wait_for(lambda: bool(evlog.of(events.GenerationPinned, mac=MAC_A)))
+        # The machine added at run time got its first generation without being asked.
+        await evlog.wait_for(lambda: bool(evlog.of(events.GenerationCreated, mac=MAC_B)))
+        assert {e.reason for e in evlog.of(events.BuildRequested)} == {"manual", "machine-added"}
     finally:
         b.stop()
 

@@ -111,6 +111,12 @@ def install(
                 422, f"the flake has no nixosConfigurations.{machine.attr} (it has: {have})"
             )
 
+    async def build_if_new(machine: Machine, previous: Machine | None = None) -> None:
+        """A new machine, or one moved to another configuration, gets a build right away."""
+        record = await store.generations(mac_token(machine.mac))
+        if not (record and record.generations) or (previous and previous.attr != machine.attr):
+            await request_build(js, machine.attr, "machine-added")
+
     def gens_json(record: MachineGenerations | None) -> dict[str, Any]:
         if record is None:
             return {"generations": [], "pinned": None, "next_boot": None, "default": None}
@@ -141,6 +147,7 @@ def install(
             if other.name == machine.name:
                 raise ApiError(409, f"name {machine.name!r} is taken by {other.mac}")
         await store.put_machine(machine)
+        await build_if_new(machine)
         return _json(machine, 201)
 
     @app.get("/machines/{ref}")
@@ -160,7 +167,9 @@ def install(
         if machine.mac != mac:
             raise ApiError(422, f"body MAC {machine.mac} differs from the URL's {mac}")
         await validate(machine)
+        previous = await store.machine(machine.mac)
         await store.put_machine(machine)
+        await build_if_new(machine, previous)
         return _json(machine)
 
     @app.delete("/machines/{ref}")
