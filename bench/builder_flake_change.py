@@ -97,6 +97,7 @@ async def main() -> None:
 
         # Subscribed before the builder starts: its first generation comes within a second.
         await nc.subscribe("nixboot.evt.generation.>", cb=on_event)
+        await nc.flush()  # the SUB must reach the server before the builder publishes
         http_port = free_port()
         config = work / "builder.toml"
         config.write_text(
@@ -154,9 +155,13 @@ async def main() -> None:
                     p.wait(15)
                 except subprocess.TimeoutExpired:
                     print(f"pid {p.pid} ignored SIGTERM for 15s: killed", file=sys.stderr)
+                    if p.args[0] == sys.executable:
+                        os.kill(p.pid, signal.SIGUSR1)
+                        time.sleep(1)
+                        print((work / "builder.log").read_text()[-6000:], file=sys.stderr)
                     os.killpg(p.pid, signal.SIGKILL) if p.args[0] == sys.executable else p.kill()
                     p.wait(5)
-        if sys.exc_info()[0] is None:
+        if sys.exc_info()[0] is None and not os.environ.get("KEEP"):
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"kept {work} for inspection", file=sys.stderr)

@@ -122,6 +122,7 @@ class EventLog:
             self._changed.set()
 
         await self.nc.subscribe("nixboot.evt.>", cb=on_msg)
+        await self.nc.flush()  # subscribed on the server before the test goes on
         return self
 
     async def close(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 
 from nixboot_shared.config import ConfigError, load
@@ -9,6 +11,7 @@ from nixboot_shared.config import ConfigError, load
 from nixboot_builder.service import main
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: dump every thread's stack
     try:
         config = load()
     except ConfigError as e:

@@ -67,9 +67,15 @@ async def setup(ctx: ServiceContext, app: FastAPI) -> None:
         if record is not None and record.next_boot is not None:
             await store.update_generations(key, event.mac, generations.consume_next_boot)
 
-    await bus.subscribe_events(
+    stage_sub = await bus.subscribe_events(
         ctx.js, on_stage, durable="builder-oneshot", filter_subject=f"{subjects.PREFIX}.evt.stage.>"
     )
+
+    async def leave_queues() -> None:
+        await builder.stop()
+        await stage_sub.unsubscribe()
+
+    ctx.cleanups.append(leave_queues)
 
     async def list_attrs() -> list[str] | None:
         return await api.flake_attrs(nix, flake)
