@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from nixboot_builder import demo
 
 NIX_CONFIG = "substituters =\nexperimental-features = nix-command flakes"

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import nats
 from nats.aio.client import Client
+
 from nixboot_shared import events
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from nixboot_builder.cli import app
 from typer.testing import CliRunner
 
+from nixboot_builder.cli import app
 from tests.builder.harness import BuilderProcess
 
 

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from nixboot_builder import demo, nixlog
 from nixboot_builder.nix import InvalidAttr, Nix, NixError, read_boot_files, toplevel_installable
 

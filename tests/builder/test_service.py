@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from nixboot_builder import demo
 from nixboot_shared import events
-
 from tests.builder.harness import BuilderProcess, EventLog
 
 MAC_A = "52:54:00:00:00:0a"

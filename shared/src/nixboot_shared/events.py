@@ -59,7 +59,7 @@ class LeaseSeen(Event, tag="lease"):
 
 
 FileKind = Literal["boot-program", "menu", "kernel", "initrd", "other"]
-TransferResult = Literal["ok", "not-found", "denied", "error", "timeout"]
+TransferResult = Literal["ok", "not-found", "denied", "error", "timeout", "aborted"]
 
 
 class BootFileRequested(Event, tag="boot-file"):
@@ -189,6 +189,7 @@ def encode(event: Event) -> bytes:
 def decode(payload: bytes) -> AnyEvent:
     """Decode one event; raise ``BadEvent`` naming what is wrong."""
     try:
-        return _decoder.decode(payload)
+        event: AnyEvent = _decoder.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
         raise BadEvent(f"undecodable event: {e}") from e
+    return event

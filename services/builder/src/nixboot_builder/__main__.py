@@ -6,9 +6,8 @@ import faulthandler
 import signal
 import sys
 
-from nixboot_shared.config import ConfigError, load
-
 from nixboot_builder.service import main
+from nixboot_shared.config import ConfigError, load
 
 if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: dump every thread's stack

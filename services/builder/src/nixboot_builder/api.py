@@ -27,15 +27,15 @@ from fastapi.responses import StreamingResponse
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nixboot_shared import bus, events, subjects
-from nixboot_shared.records import Machine, MachineGenerations
-from nixboot_shared.security import check_api_token
-from nixboot_shared.subjects import InvalidMac, mac_token
 
 from nixboot_builder import gcroots, generations, wire
 from nixboot_builder.nix import InvalidAttr, Nix, NixError, check_attr
 from nixboot_builder.store import Store
 from nixboot_builder.worker import request_build
+from nixboot_shared import bus, events, subjects
+from nixboot_shared.records import Machine, MachineGenerations
+from nixboot_shared.security import check_api_token
+from nixboot_shared.subjects import InvalidMac, mac_token
 
 AttrLister = Callable[[], Awaitable[list[str] | None]]
 

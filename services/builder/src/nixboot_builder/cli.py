@@ -10,12 +10,12 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from nixboot_shared.config import Config, ConfigError, load
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from nixboot_builder import wire
+from nixboot_shared.config import Config, ConfigError, load
 
 app = typer.Typer(no_args_is_help=True)
 machines_app = typer.Typer(help="The machine registry.", no_args_is_help=True)

@@ -8,9 +8,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from nixboot_shared.records import MachineGenerations
-
 from nixboot_builder.nix import Nix
+from nixboot_shared.records import MachineGenerations
 
 log = logging.getLogger(__name__)
 

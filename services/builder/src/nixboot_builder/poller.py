@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 
 from nats.js import JetStreamContext
-from nixboot_shared import subjects
 
 from nixboot_builder.nix import Nix, NixError
 from nixboot_builder.store import FALLBACK_KEY, Store
 from nixboot_builder.worker import request_build
+from nixboot_shared import subjects
 
 log = logging.getLogger(__name__)
 

@@ -7,17 +7,17 @@ import logging
 from pathlib import Path
 
 from fastapi import FastAPI
-from nixboot_shared import bus, events, subjects
-from nixboot_shared.config import Config
-from nixboot_shared.records import Machine
-from nixboot_shared.security import read_or_create_secret
-from nixboot_shared.service import ServiceContext, run
 
 from nixboot_builder import api, demo, generations
 from nixboot_builder.nix import Nix
 from nixboot_builder.poller import FlakePoller
 from nixboot_builder.store import Store
 from nixboot_builder.worker import Builder
+from nixboot_shared import bus, events, subjects
+from nixboot_shared.config import Config
+from nixboot_shared.records import Machine
+from nixboot_shared.security import read_or_create_secret
+from nixboot_shared.service import ServiceContext, run
 
 log = logging.getLogger(__name__)
 

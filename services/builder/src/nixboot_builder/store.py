@@ -15,6 +15,7 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
 )
 from nats.js.kv import KeyValue
+
 from nixboot_shared import subjects
 from nixboot_shared.records import Machine, MachineGenerations
 

@@ -7,6 +7,7 @@ import time
 from typing import Literal
 
 import msgspec
+
 from nixboot_shared.events import new_id
 
 

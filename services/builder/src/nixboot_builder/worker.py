@@ -15,12 +15,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError
-from nixboot_shared import bus, events, subjects
-from nixboot_shared.records import Generation, MachineGenerations
 
 from nixboot_builder import gcroots, generations, nixlog, wire
 from nixboot_builder.nix import Nix, NixError, read_boot_files
 from nixboot_builder.store import FALLBACK_KEY, Store
+from nixboot_shared import bus, events, subjects
+from nixboot_shared.records import Generation, MachineGenerations
 
 log = logging.getLogger(__name__)
 

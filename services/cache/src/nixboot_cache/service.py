@@ -1,0 +1,408 @@
+"""The cache service: a Nix binary cache and boot-file server, warmed by lease events.
+
+Routes (all GET and HEAD unless noted):
+  /nix-cache-info                  StoreDir, WantMassQuery, Priority
+  /<hash32>.narinfo                signed with the deployment key
+  /nar/<narhash52>.nar.zst         compressed NAR (streamed while compressed when cold)
+  /log/<drv>                       build log of a derivation
+  /boot/<toplevel-hash>/kernel|initrd   with Range
+  /boot.ipxe, /ipxe/<mac>          iPXE chain script and per-MAC menu
+  POST /report/<boot_id>           stage reports from booting machines (per-boot token)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bz2
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from nats.js.kv import KeyValue
+
+from nixboot_cache import metrics, nix32
+from nixboot_cache.narcache import NarCache, NarMeta, open_inflight, stream_inflight
+from nixboot_cache.narinfo import STORE_DIR, NarInfo
+from nixboot_cache.signing import SecretKey, load_or_create
+from nixboot_cache.store import DEFAULT_DB, PathInfo, StoreDb
+from nixboot_cache.warm import Publish, Warmer
+from nixboot_shared import bus, events, menu, security, subjects
+from nixboot_shared.config import Config
+from nixboot_shared.records import Generation, MachineGenerations
+from nixboot_shared.service import ServiceContext, run
+
+log = logging.getLogger(__name__)
+
+CACHE_INFO = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: 30\n"
+_DRV_RE = re.compile(r"^[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]+\.drv$")
+LOG_DIR = Path("/nix/var/log/nix/drvs")
+WARM_DURABLE = "nixboot-cache-warm"
+LEASE_EVENTS = f"{subjects.PREFIX}.evt.lease.>"
+
+
+def cache_key(cfg: Config) -> SecretKey:
+    """The deployment's signing key: ``cache.secret_key_file`` or generated in the state dir."""
+    if cfg.cache.secret_key_file:
+        return SecretKey.parse(Path(cfg.cache.secret_key_file).read_text())
+    state = cfg.state_path
+    return load_or_create(state / "cache-key.sec", state / "cache-key.pub", cfg.cache.key_name)
+
+
+class Generations:
+    """In-memory view of the generations bucket, kept current by a KV watch."""
+
+    def __init__(self) -> None:
+        self.by_mac: dict[str, MachineGenerations] = {}
+
+    def apply(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self.by_mac.pop(key, None)
+            return
+        try:
+            self.by_mac[key] = msgspec.json.decode(value, type=MachineGenerations)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            log.warning("generations: ignoring undecodable record %s: %s", key, e)
+
+    def by_toplevel_hash(self, h: str) -> Generation | None:
+        for mg in self.by_mac.values():
+            for g in mg.generations:
+                if menu.store_hash(g.toplevel) == h:
+                    return g
+        return None
+
+    def protected_toplevels(self) -> set[str]:
+        """Current (newest), default and pinned generations of every machine: never evicted."""
+        keep: set[str] = set()
+        for mg in list(self.by_mac.values()):  # called from worker threads: copy first
+            by_number = {g.number: g for g in mg.generations}
+            chosen = [mg.default(), *(mg.newest_first()[:1])]
+            chosen += [by_number.get(n) for n in (mg.pinned, mg.next_boot) if n is not None]
+            keep.update(g.toplevel for g in chosen if g is not None)
+        return keep
+
+
+class CacheService:
+    def __init__(self, cfg: Config, store_db: Path = DEFAULT_DB) -> None:
+        self.cfg = cfg
+        state = cfg.state_path
+        state.mkdir(parents=True, exist_ok=True)
+        self.key = cache_key(cfg)
+        self.public_key = str(self.key.public())
+        self.boot_secret = security.read_or_create_secret(state / "boot-secret")
+        self.store = StoreDb(store_db)
+        self.gens = Generations()
+        cores = os.cpu_count() or 1
+        # One compression per core for warming, plus headroom so a cold request never queues
+        # behind a whole warm.
+        self.executor = ThreadPoolExecutor(max_workers=cores + 2, thread_name_prefix="nar")
+        self.nars = NarCache(
+            state / "cache",
+            self.executor,
+            cfg.cache.max_bytes,
+            self._protected,
+            grace_seconds=cfg.cache.evict_grace_seconds,
+        )
+        self.publish_event: Publish = _no_publish
+        self.warmer = Warmer(self.store, self.nars, self._publish, parallel=cores)
+        self._narinfo_memo: dict[tuple[PathInfo, str, int], str] = {}
+        self._known: dict[str, str] = {}  # nar hash -> store path, for every narinfo we answered
+        metrics.CACHE_BYTES.set_function(lambda: self.nars.total_bytes)
+
+    async def _publish(self, event: events.Event) -> None:
+        await self.publish_event(event)
+
+    def _protected(self) -> set[str]:
+        """Nar hashes of every path in a protected closure (runs in a worker thread)."""
+        keep: set[str] = set()
+        for top in self.gens.protected_toplevels():
+            keep.update(p.nar_hash32 for p in self.store.closure(top))
+        return keep
+
+    # -- binary cache ---------------------------------------------------------------------------
+    def narinfo(self, info: PathInfo, meta: NarMeta | None) -> str:
+        """The signed narinfo text; memoised, since the same paths are asked for by every
+        machine of a classroom (the key covers everything the text is made of)."""
+        memo_key = (info, meta.file_hash if meta else "", meta.file_size if meta else 0)
+        text = self._narinfo_memo.get(memo_key)
+        if text is not None:
+            return text
+        ni = NarInfo(
+            store_path=info.path,
+            url=f"nar/{info.nar_hash32}.nar.zst",
+            compression="zstd",
+            file_hash=meta.file_hash if meta else "",
+            file_size=meta.file_size if meta else 0,
+            nar_hash=info.nar_hash,
+            nar_size=info.nar_size,
+            references=tuple(r.removeprefix(STORE_DIR + "/") for r in info.references),
+            deriver=info.deriver.removeprefix(STORE_DIR + "/") if info.deriver else None,
+            ca=info.ca,
+        )
+        text = self.key.sign_narinfo(ni).render()
+        if len(self._narinfo_memo) >= 50_000:
+            self._narinfo_memo.clear()
+        self._narinfo_memo[memo_key] = text
+        return text
+
+    def path_for_nar(self, h: str) -> PathInfo | None:
+        path = self._known.get(h)
+        if path is None:
+            # Rare: a URL published before a restart whose file was since evicted.
+            path = self.store.path_by_nar_hash(nix32.decode(h, 32).hex())
+        return None if path is None else self.store.by_path(path)
+
+    async def warm_for_mac(self, mac: str, kv: KeyValue, trigger: str) -> None:
+        try:
+            entry = await kv.get(subjects.mac_token(mac))
+        except Exception:  # KeyNotFoundError and friends: a machine with no generations yet
+            log.info("lease of %s: no generations, nothing to warm", mac)
+            return
+        if entry.value is None:
+            return
+        mg = msgspec.json.decode(entry.value, type=MachineGenerations)
+        self.gens.by_mac[subjects.mac_token(mac)] = mg
+        tops = []
+        default = mg.default()
+        newest = mg.newest_first()[:1]
+        for g in [default, *newest]:
+            if g is not None and g.toplevel not in tops:
+                tops.append(g.toplevel)
+        for top in tops:
+            task = self.warmer.warm(top, mac, trigger)
+            task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[object]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("warm failed: %s", task.exception())
+
+
+async def _no_publish(event: events.Event) -> None:
+    return None
+
+
+def _bad(kind: str, msg: str, status: int = 400) -> Response:
+    metrics.REQUESTS.labels(kind, str(status)).inc()
+    return PlainTextResponse(msg + "\n", status_code=status)
+
+
+def add_routes(app: FastAPI, svc: CacheService) -> None:
+    @app.api_route("/nix-cache-info", methods=["GET", "HEAD"])
+    async def cache_info() -> Response:
+        return Response(CACHE_INFO, media_type="text/x-nix-cache-info")
+
+    @app.api_route("/{hash_part}.narinfo", methods=["GET", "HEAD"])
+    async def get_narinfo(hash_part: str) -> Response:
+        if not nix32.is_store_hash(hash_part):
+            return _bad("narinfo", f"malformed store hash {hash_part!r}")
+        info = svc.store.by_hash(hash_part)
+        if info is None:
+            return _bad("narinfo", "no such path", 404)
+        svc._known[info.nar_hash32] = info.path
+        meta = svc.nars.meta(info.nar_hash32)
+        if meta is None and svc.nars.inflight(info.nar_hash32) is None:
+            # Cold: answer now (FileHash is optional) and start compressing, since the NAR
+            # request usually follows.
+            svc.nars.start(info)
+        metrics.REQUESTS.labels("narinfo", "200").inc()
+        return Response(svc.narinfo(info, meta), media_type="text/x-nix-narinfo")
+
+    @app.api_route("/nar/{name}", methods=["GET", "HEAD"])
+    async def get_nar(name: str, request: Request) -> Response:
+        h = name.removesuffix(".nar.zst")
+        if not name.endswith(".nar.zst") or not nix32.is_sha256(h):
+            return _bad("nar", f"malformed NAR name {name!r}")
+        meta = svc.nars.meta(h)
+        if meta is not None:
+            svc.nars.touch(h)
+            metrics.REQUESTS.labels("nar", "200").inc()
+            if request.method == "GET":
+                metrics.NAR_SERVED.labels("warm").inc()
+                metrics.NAR_BYTES.labels("warm").inc(meta.file_size)
+            return FileResponse(svc.nars.nar_file(h), media_type="application/x-nix-nar")
+        job = svc.nars.inflight(h)
+        if job is None:
+            info = svc.path_for_nar(h)
+            if info is None:
+                return _bad("nar", "no such NAR", 404)
+            job = svc.nars.start(info)
+        metrics.REQUESTS.labels("nar", "200").inc()
+        if request.method == "HEAD":
+            return Response(media_type="application/x-nix-nar")
+        metrics.NAR_SERVED.labels("streamed").inc()
+        fd = open_inflight(job)
+
+        async def body() -> object:
+            async for chunk in stream_inflight(job, fd):
+                metrics.NAR_BYTES.labels("streamed").inc(len(chunk))
+                yield chunk
+
+        return StreamingResponse(body(), media_type="application/x-nix-nar")  # type: ignore[arg-type]
+
+    @app.api_route("/log/{drv}", methods=["GET", "HEAD"])
+    async def get_log(drv: str) -> Response:
+        base = drv.removeprefix(STORE_DIR + "/")
+        if not _DRV_RE.match(base):
+            return _bad("log", f"malformed derivation name {drv!r}")
+        f = LOG_DIR / base[:2] / (base[2:] + ".bz2")
+        try:
+            data = await asyncio.to_thread(lambda: bz2.decompress(f.read_bytes()))
+        except FileNotFoundError:
+            return _bad("log", "no log for this derivation", 404)
+        except (OSError, ValueError):
+            return _bad("log", "unreadable log", 404)
+        metrics.REQUESTS.labels("log", "200").inc()
+        return Response(data, media_type="text/plain; charset=utf-8")
+
+    # -- boot files ------------------------------------------------------------------------------
+    @app.api_route("/boot/{toplevel_hash}/{which}", methods=["GET", "HEAD"])
+    async def boot_file(toplevel_hash: str, which: str) -> Response:
+        if not nix32.is_store_hash(toplevel_hash) or which not in ("kernel", "initrd"):
+            return _bad("boot", "expected /boot/<toplevel hash>/kernel or initrd")
+        gen = svc.gens.by_toplevel_hash(toplevel_hash)
+        if gen is None:
+            return _bad("boot", "no such generation", 404)
+        real = os.path.realpath(gen.kernel if which == "kernel" else gen.initrd)
+        if not real.startswith(STORE_DIR + "/") or not os.path.isfile(real):
+            return _bad("boot", "boot file missing from the store", 404)
+        metrics.REQUESTS.labels("boot", "200").inc()
+        return FileResponse(real, media_type="application/octet-stream")
+
+    @app.api_route("/boot.ipxe", methods=["GET", "HEAD"])
+    async def boot_ipxe() -> Response:
+        metrics.REQUESTS.labels("ipxe", "200").inc()
+        return PlainTextResponse(menu.render_ipxe_chain(svc.cfg.cache.public_url))
+
+    @app.api_route("/ipxe/{mac}", methods=["GET", "HEAD"])
+    async def ipxe_menu(mac: str, request: Request) -> Response:
+        try:
+            token = subjects.mac_token(mac)
+        except subjects.InvalidMac as e:
+            return _bad("ipxe", str(e))
+        norm = subjects.normalize_mac(mac)
+        boot_id = security.new_boot_id()
+        params = menu.BootParams(
+            cache_url=svc.cfg.cache.public_url,
+            public_key=svc.public_key,
+            boot_id=boot_id,
+            boot_token=security.boot_token(svc.boot_secret, boot_id),
+        )
+        mg = svc.gens.by_mac.get(token)
+        spec = menu.MenuSpec(
+            mac=norm,
+            title="nixboot",
+            generations=mg,
+            params=params,
+            timeout_seconds=svc.cfg.menu_timeout_seconds,
+        )
+        text = menu.render_ipxe(spec, svc.cfg.cache.public_url.rstrip("/") + "/")
+        if request.method == "GET":
+            gens, default = menu.ordered_entries(spec)
+            await svc._publish(
+                events.MenuServed(
+                    mac=norm,
+                    boot_id=boot_id,
+                    format="ipxe",
+                    client=request.client.host if request.client else "",
+                    default_generation=default.number if default else None,
+                    generations=[g.number for g in gens],
+                    fallback=mg is None,
+                )
+            )
+        metrics.REQUESTS.labels("ipxe", "200").inc()
+        return PlainTextResponse(text)
+
+    @app.post("/report/{boot_id}")
+    async def report(boot_id: str, request: Request) -> Response:
+        if not re.fullmatch(r"[0-9a-f]{1,64}", boot_id):
+            return _bad("report", "malformed boot id")
+        try:
+            body = msgspec.json.decode(await request.body(), type=StageReport)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            return _bad("report", f"bad report: {e}")
+        token = request.headers.get("x-nixboot-token") or body.token or ""
+        if not security.check_boot_token(svc.boot_secret, boot_id, token):
+            metrics.FORGED_REPORTS.inc()
+            return _bad("report", "bad token for this boot id", 403)
+        try:
+            event = events.StageReported(
+                mac=body.mac,
+                boot_id=boot_id,
+                stage=body.stage,
+                status=body.status,
+                detail=body.detail[:2000],
+                bytes=body.bytes,
+                seconds=body.seconds,
+            )
+        except subjects.InvalidMac as e:
+            return _bad("report", str(e))
+        await svc._publish(event)
+        metrics.REQUESTS.labels("report", "204").inc()
+        return Response(status_code=204)
+
+
+class StageReport(msgspec.Struct, forbid_unknown_fields=True):
+    stage: events.Stage
+    status: Literal["started", "done", "failed"] = "done"
+    detail: str = ""
+    bytes: int | None = None
+    seconds: float | None = None
+    mac: str | None = None
+    token: str | None = None
+
+
+async def _watch_generations(svc: CacheService, kv: KeyValue) -> None:
+    while True:
+        try:
+            watcher = await kv.watchall()
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                deleted = entry.operation in ("DEL", "PURGE")
+                svc.gens.apply(entry.key, None if deleted else entry.value)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("generations watch failed (%s); retrying", e)
+            await asyncio.sleep(1)
+
+
+def main(cfg: Config) -> int:
+    svc_box: list[CacheService] = []
+
+    async def setup(ctx: ServiceContext, app: FastAPI) -> None:
+        svc = CacheService(cfg)
+        svc_box.append(svc)
+
+        async def publish(event: events.Event) -> None:
+            await bus.publish(ctx.js, event)
+
+        svc.publish_event = publish
+        add_routes(app, svc)
+        kv = ctx.kv[subjects.KV_GENERATIONS]
+        ctx.spawn(_watch_generations(svc, kv), "generations-watch")
+
+        async def on_event(event: events.AnyEvent) -> None:
+            if isinstance(event, events.LeaseSeen) and event.mac and event.lease_kind != "release":
+                await svc.warm_for_mac(event.mac, kv, "lease")
+
+        await bus.subscribe_events(
+            ctx.js,
+            on_event,
+            durable=WARM_DURABLE,
+            filter_subject=LEASE_EVENTS,
+        )
+
+        async def stop_executor() -> None:
+            svc.executor.shutdown(wait=False, cancel_futures=True)
+
+        ctx.cleanups.append(stop_executor)
+        log.info("cache: public key %s", svc.public_key)
+
+    return run("cache", cfg, cfg.cache.http, setup)

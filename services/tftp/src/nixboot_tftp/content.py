@@ -1,0 +1,174 @@
+"""What the TFTP server answers beyond the files in its root: per-machine pxelinux menus rendered
+at request time, and generations' kernels/initrds from the Nix store.
+
+Runs inside the TFTP loop, so it answers only from the local view (memory) and never waits on NATS.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nixboot_shared import security, subjects
+from nixboot_shared.menu import BootParams, MenuSpec, ordered_entries, render_pxelinux
+from nixboot_shared.records import MachineGenerations
+from nixboot_tftp import metrics
+from nixboot_tftp.files import NotFound, memory_file, open_regular
+from nixboot_tftp.names import (
+    BOOT_DIR,
+    MENU_DIR,
+    MenuName,
+    hex_to_ip,
+    ip_to_hex,
+    parse_menu_name,
+)
+from nixboot_tftp.server import Source
+from nixboot_tftp.view import LocalView
+
+log = logging.getLogger(__name__)
+
+# Boot programs that can fetch kernels over HTTP: their menus point at the cache service.
+HTTP_CAPABLE = frozenset({"lpxelinux.0"})
+TFTP_ONLY = frozenset({"pxelinux.0"})
+_MAX_CLIENTS_REMEMBERED = 50_000
+
+
+@dataclass(frozen=True)
+class MenuInfo:
+    """Carried from the render to the end of the transfer (events, one-shot pin)."""
+
+    boot_id: str
+    default_generation: int | None
+    generations: list[int] = field(default_factory=list)
+    fallback: bool = False
+    once: int | None = None  # the one-shot pin this menu made default
+
+
+@dataclass
+class MenuSettings:
+    cache_url: str
+    secret: str
+    public_key: str
+    timeout_seconds: int = 5
+    title: str = "nixboot"
+
+
+class TftpContent:
+    """The dynamic handler given to ``SafeTftpServer``."""
+
+    def __init__(self, view: LocalView, settings: MenuSettings) -> None:
+        self.view = view
+        self.settings = settings
+        # client ip -> whether its boot program fetches over HTTP (it fetched lpxelinux.0)
+        self.http_clients: OrderedDict[str, bool] = OrderedDict()
+        self.clock: Callable[[], float] = time.perf_counter
+
+    def __call__(self, name: str, client_ip: str) -> Source | None:
+        if name.startswith(MENU_DIR + "/"):
+            return self.menu(name[len(MENU_DIR) + 1 :], client_ip)
+        if name.startswith(BOOT_DIR + "/"):
+            return self.boot_file(name)
+        base = name.rsplit("/", 1)[-1]
+        if base in HTTP_CAPABLE or base in TFTP_ONLY:
+            self._remember(client_ip, base in HTTP_CAPABLE)
+        return None  # a file under the root
+
+    def _remember(self, ip: str, http: bool) -> None:
+        self.http_clients[ip] = http
+        self.http_clients.move_to_end(ip)
+        while len(self.http_clients) > _MAX_CLIENTS_REMEMBERED:
+            self.http_clients.popitem(last=False)
+
+    # -- menus ----------------------------------------------------------------------------------
+    def menu(self, rest: str, client_ip: str) -> Source:
+        wanted = parse_menu_name(rest)
+        mac = self._machine_for(wanted, client_ip)
+        if mac is None and wanted.by != "default":
+            raise NotFound("no machine for this name")  # pxelinux goes on to the next name
+        started = self.clock()
+        text, info = self.render(mac, http=self.http_clients.get(client_ip, False))
+        metrics.RENDER_SECONDS.observe(self.clock() - started)
+        return Source(memory_file(text.encode()), kind="menu", mac=mac, info=info)
+
+    def _machine_for(self, wanted: MenuName, client_ip: str) -> str | None:
+        view = self.view
+        if wanted.by == "mac":
+            # Every well-formed MAC gets its own menu (its generations, or the fallback): the menu
+            # then carries the MAC for the boot's events, and a machine whose lease is still on its
+            # way through NATS is not sent down pxelinux's slower hex-IP/default path.
+            return wanted.mac
+        if wanted.by == "ip":
+            assert wanted.ip_hex is not None
+            if len(wanted.ip_hex) == 8:
+                return view.mac_for_ip(hex_to_ip(wanted.ip_hex))
+            # A shorter prefix names a subnet: answer for the asking client if it lies in it.
+            try:
+                inside = ip_to_hex(client_ip).startswith(wanted.ip_hex)
+            except ValueError:
+                return None
+            return view.mac_for_ip(client_ip) if inside else None
+        if wanted.by == "default":
+            return view.mac_for_ip(client_ip)
+        return None
+
+    def render(self, mac: str | None, *, http: bool) -> tuple[str, MenuInfo]:
+        """The pxelinux config for ``mac`` (None: an unknown machine), newest generation first."""
+        s = self.settings
+        own = self.view.generations_for(mac) if mac else None
+        gens: MachineGenerations | None = own if own is not None and own.generations else None
+        fallback = gens is None
+        if fallback:
+            gens = self.view.fallback
+        boot_id = security.new_boot_id()
+        params = BootParams(
+            cache_url=s.cache_url,
+            public_key=s.public_key,
+            boot_id=boot_id,
+            boot_token=security.boot_token(s.secret, boot_id),
+        )
+        machine = self.view.machines.get(mac) if mac else None
+        title = f"{s.title}: {machine.name}" if machine else s.title
+        spec = MenuSpec(
+            mac=subjects.mac_token(mac) if mac else "unknown",
+            title=title,
+            generations=gens,
+            params=params,
+            timeout_seconds=s.timeout_seconds,
+        )
+        file_base = s.cache_url.rstrip("/") + "/" if http else ""
+        text = render_pxelinux(spec, file_base)
+        ordered, default = ordered_entries(spec)
+        once = None
+        if (
+            not fallback
+            and gens is not None
+            and default is not None
+            and gens.next_boot is not None
+            and default.number == gens.next_boot
+        ):
+            once = gens.next_boot
+        info = MenuInfo(
+            boot_id=boot_id,
+            default_generation=default.number if default else None,
+            generations=[g.number for g in ordered],
+            fallback=fallback,
+            once=once,
+        )
+        return text, info
+
+    # -- kernels and initrds --------------------------------------------------------------------
+    def boot_file(self, name: str) -> Source:
+        parts = name.split("/")
+        if len(parts) != 3 or parts[2] not in ("kernel", "initrd"):
+            raise NotFound("not a boot file name")
+        path = self.view.boot_file(parts[1], parts[2])
+        if path is None:
+            raise NotFound("no generation with this store hash")
+        try:
+            f = open_regular(path)
+        except FileNotFoundError:
+            raise NotFound("boot file missing from the store") from None
+        return Source(f, kind="kernel" if parts[2] == "kernel" else "initrd")

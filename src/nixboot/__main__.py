@@ -1,0 +1,3 @@
+from nixboot.cli import main
+
+main()

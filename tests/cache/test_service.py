@@ -1,0 +1,244 @@
+"""The cache service over HTTP and NATS: warming, boot files, menus, reports, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import nats
+import pytest
+import zstandard
+from nats.aio.client import Client
+
+from nixboot_cache import narinfo, signing
+from nixboot_shared import bus, events, menu, security, subjects
+from nixboot_shared.records import Generation, MachineGenerations
+from tests.cache.cache_helpers import CacheServer, NixFixture
+
+MAC = "52:54:00:12:34:56"
+
+
+def generation(closure_top: str, kernel: str, initrd: str, number: int) -> Generation:
+    return Generation(
+        number=number,
+        toplevel=closure_top,
+        kernel=f"{kernel}/bzImage",
+        initrd=f"{initrd}/initrd",
+        kernel_params="loglevel=4",
+        init=f"{closure_top}/init",
+    )
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_url)
+    yield client
+    await client.drain()
+
+
+async def put_generations(nc: Client, nixfx: NixFixture, pinned: int | None = None) -> None:
+    js = nc.jetstream()
+    kv = (await bus.bootstrap(js))[subjects.KV_GENERATIONS]
+    g1, g2 = nixfx.gen1, nixfx.gen2
+    mg = MachineGenerations(
+        mac=MAC,
+        generations=[
+            generation(g1.toplevel, g1.kernel, g1.initrd, 1),
+            generation(g2.toplevel, g2.kernel, g2.initrd, 2),
+        ],
+        pinned=pinned,
+    )
+    await kv.put(subjects.mac_token(MAC), msgspec.json.encode(mg))
+
+
+async def collect(nc: Client, kind: str) -> tuple[list[events.AnyEvent], object]:
+    got: list[events.AnyEvent] = []
+
+    async def cb(msg: object) -> None:
+        got.append(events.decode(msg.data))  # type: ignore[attr-defined]
+
+    sub = await nc.subscribe(f"nixboot.evt.{kind}.>", cb=cb)
+    return got, sub
+
+
+async def wait_for(pred: object, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("timed out waiting")
+        await asyncio.sleep(0.05)
+
+
+async def test_lease_warms_once_and_serves_boot(
+    nixfx: NixFixture, cache_server: CacheServer, nc: Client
+) -> None:
+    await put_generations(nc, nixfx, pinned=1)
+    started, s1 = await collect(nc, "warm-started")
+    finished, s2 = await collect(nc, "warm-finished")
+    stages, s3 = await collect(nc, "stage")
+    js = nc.jetstream()
+    # A classroom: the same machine's lease five times at once (and a release, ignored).
+    for _ in range(5):
+        await bus.publish(js, events.LeaseSeen(mac=MAC, ip="10.0.0.5"))
+    # default (pinned gen 1) and newest (gen 2): two toplevels, one warm each.
+    await wait_for(lambda: len(finished) >= 2)
+    await asyncio.sleep(0.5)
+    assert sorted(e.toplevel for e in started) == sorted([nixfx.gen1.toplevel, nixfx.gen2.toplevel])  # type: ignore[union-attr]
+    assert len(finished) == 2
+    f1 = next(e for e in finished if e.toplevel == nixfx.gen1.toplevel)  # type: ignore[union-attr]
+    assert f1.paths == len(nixfx.gen1.paths)  # type: ignore[union-attr]
+    assert f1.bytes == sum(int(p["narSize"]) for p in nixfx.gen1.paths)  # type: ignore[union-attr, call-overload]
+    nars = list((cache_server.state / "cache" / "nar").glob("*.nar.zst"))
+    assert len(nars) == len(set(nixfx.gen1.store_paths) | set(nixfx.gen2.store_paths))
+
+    async with httpx.AsyncClient(base_url=cache_server.url) as http:
+        # Warm narinfo: FileHash/FileSize present, signature valid for our public key.
+        h = narinfo.store_hash(nixfx.gen1.toplevel)
+        r = await http.get(f"/{h}.narinfo")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/x-nix-narinfo")
+        ni = narinfo.parse(r.text)
+        assert ni.file_hash.startswith("sha256:") and ni.file_size > 0
+        pub = signing.PublicKey.parse(cache_server.public_key())
+        assert pub.verify(signing.narinfo_fingerprint(ni), ni.sigs[0])
+
+        # Boot files with Range and HEAD.
+        top = menu.store_hash(nixfx.gen1.toplevel)
+        kernel = (Path(nixfx.gen1.kernel) / "bzImage").read_bytes()
+        r = await http.get(f"/boot/{top}/kernel")
+        assert r.status_code == 200 and r.content == kernel
+        r = await http.get(f"/boot/{top}/initrd", headers={"Range": "bytes=10-19"})
+        assert r.status_code == 206
+        assert r.content == (Path(nixfx.gen1.initrd) / "initrd").read_bytes()[10:20]
+        r = await http.head(f"/boot/{top}/kernel")
+        assert r.status_code == 200 and int(r.headers["content-length"]) == len(kernel)
+        assert r.headers.get("accept-ranges") == "bytes"
+
+        # iPXE chain and per-MAC menu: pinned gen 1 is the default, newest listed first.
+        r = await http.get("/boot.ipxe")
+        assert r.text.startswith("#!ipxe") and f"{cache_server.url}/ipxe/" in r.text
+        r = await http.get(f"/ipxe/{MAC.replace(':', '-')}")
+        assert r.status_code == 200
+        assert "choose --default gen-1" in r.text
+        assert r.text.index(":gen-2") < r.text.index(":gen-1")
+        assert f"nixboot.key={cache_server.public_key()}" in r.text
+        boot_id = r.text.split("nixboot.boot_id=")[1].split()[0]
+        token = r.text.split("nixboot.token=")[1].split()[0]
+
+        # Stage reports: the menu's token works (body or header); a forged one is refused.
+        r = await http.post(f"/report/{boot_id}", json={"stage": "closure", "status": "done",
+                            "bytes": 123, "seconds": 1.5, "mac": MAC, "token": token})  # fmt: skip
+        assert r.status_code == 204
+        r = await http.post(f"/report/{boot_id}", json={"stage": "booted"},
+                            headers={"X-Nixboot-Token": token})  # fmt: skip
+        assert r.status_code == 204
+        forged = security.boot_token("not-the-secret", boot_id)
+        r = await http.post(f"/report/{boot_id}", json={"stage": "booted", "token": forged})
+        assert r.status_code == 403
+        r = await http.post(
+            f"/report/{security.new_boot_id()}", json={"stage": "booted", "token": token}
+        )
+        assert r.status_code == 403
+        await wait_for(lambda: len(stages) >= 2)
+        await asyncio.sleep(0.2)
+        assert [(e.stage, e.boot_id) for e in stages] == [("closure", boot_id), ("booted", boot_id)]  # type: ignore[union-attr]
+        assert stages[0].bytes == 123 and stages[0].mac == MAC  # type: ignore[union-attr]
+    assert cache_server.metric("nixboot_cache_forged_reports_total") == 2
+    for s in (s1, s2, s3):
+        await s.unsubscribe()  # type: ignore[attr-defined]
+
+
+async def test_cold_nar_two_clients_and_truncation(
+    nixfx: NixFixture, cache_server: CacheServer
+) -> None:
+    lib = next(p for p in nixfx.gen1.store_paths if p.endswith("-nb-lib"))
+    dump = subprocess.run(["nix-store", "--dump", lib], check=True, capture_output=True).stdout
+    async with httpx.AsyncClient(base_url=cache_server.url) as http:
+        r = await http.get(f"/{narinfo.store_hash(lib)}.narinfo")
+        cold = narinfo.parse(r.text)
+        assert cold.url.startswith("nar/") and cold.compression == "zstd"
+        a, b = await asyncio.gather(http.get("/" + cold.url), http.get("/" + cold.url))
+        for resp in (a, b):
+            assert resp.status_code == 200
+            assert zstandard.ZstdDecompressor().decompressobj().decompress(resp.content) == dump
+        # Truncate the file in the cache directory: detected, rebuilt, never served short.
+        f = cache_server.state / "cache" / cold.url
+        await wait_for(
+            lambda: (cache_server.state / "cache" / "meta").glob("*.json") and f.exists()
+        )
+        good = f.read_bytes()
+        f.write_bytes(good[: len(good) // 3])
+        r = await http.get("/" + cold.url)
+        assert r.status_code == 200 and r.content == good
+        assert cache_server.metric("nixboot_cache_truncated_rebuilt_total") == 1
+
+
+BAD_GETS = [
+    ("/" + "e" * 32 + ".narinfo", 400),  # 'e' is not in the nix32 alphabet
+    ("/abc.narinfo", 400),
+    ("/" + "0" * 32 + ".narinfo", 404),
+    ("/nar/" + "0" * 52 + ".nar.zst", 404),
+    ("/nar/" + "0" * 51 + ".nar.zst", 400),
+    ("/nar/..%2F..%2Fetc%2Fpasswd", 404),  # decoded to a path no route matches
+    ("/nar/x.nar.zst", 400),
+    ("/log/not-a-drv", 400),
+    ("/log/" + "0" * 32 + "-x.drv", 404),
+    ("/boot/" + "0" * 32 + "/kernel", 404),
+    ("/boot/" + "0" * 32 + "/etc", 400),
+    ("/ipxe/zz-zz", 400),
+]
+
+
+async def test_bad_input(cache_server: CacheServer) -> None:
+    async with httpx.AsyncClient(base_url=cache_server.url) as http:
+        for path, status in BAD_GETS:
+            for method in ("GET", "HEAD"):
+                r = await http.request(method, path)
+                assert r.status_code == status, (method, path, r.text)
+
+
+async def test_raw_traversal_huge_range_and_head(
+    nixfx: NixFixture, cache_server: CacheServer, nc: Client
+) -> None:
+    await put_generations(nc, nixfx)
+    top = menu.store_hash(nixfx.gen1.toplevel)
+    await wait_for(lambda: _get(cache_server, f"/boot/{top}/kernel").status_code == 200)
+    for raw in (
+        "/nar/../../etc/passwd",
+        "/boot/../../../etc/passwd",
+        "/nar/%2e%2e/%2e%2e/etc/passwd",
+    ):
+        out = subprocess.run(
+            ["curl", "-s", "--path-as-is", "-o", "/dev/null", "-w", "%{http_code}",
+             cache_server.url + raw],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert out in ("400", "404"), (raw, out)
+    kernel = (Path(nixfx.gen1.kernel) / "bzImage").read_bytes()
+    async with httpx.AsyncClient(base_url=cache_server.url) as http:
+        for rng in ("bytes=99999999999999999999-", "bytes=0-99999999999999999999999999",
+                    "bytes=5-1", "bytes=abc", "bytes=" + ",".join(["0-1"] * 2000)):  # fmt: skip
+            r = await http.get(f"/boot/{top}/kernel", headers={"Range": rng})
+            assert r.status_code < 500, (rng, r.status_code)
+            assert r.status_code in (200, 206, 400, 416), (rng, r.status_code)
+            if r.status_code == 206 and "," not in rng:
+                assert r.content == kernel[int(rng[6:].split("-")[0]) :]
+        narinfo_url = f"/{narinfo.store_hash(nixfx.gen1.toplevel)}.narinfo"
+        for path in ("/nix-cache-info", "/boot.ipxe", f"/boot/{top}/initrd", "/healthz",
+                     "/metrics", narinfo_url, "/ipxe/" + MAC):  # fmt: skip
+            g, h = await http.get(path), await http.head(path)
+            assert g.status_code == h.status_code == 200, path
+            assert h.content == b""
+        r = await http.post("/report/abc", content=b"{not json")
+        assert r.status_code == 400
+        r = await http.post("/report/zz", json={"stage": "booted"})
+        assert r.status_code == 400
+        r = await http.post("/report/abc", json={"stage": "nonsense", "token": "x"})
+        assert r.status_code == 400
+
+
+def _get(server: CacheServer, path: str) -> httpx.Response:
+    return httpx.get(server.url + path)
