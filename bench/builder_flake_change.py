@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import nats
+
 from nixboot_builder import demo
 from nixboot_shared import events
 

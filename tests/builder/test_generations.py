@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from nixboot_builder import generations
 from nixboot_builder.poller import local_flake_dir, tree_stamp
 from nixboot_shared.records import Generation, MachineGenerations
