@@ -39,6 +39,7 @@ class BuilderProcess:
         keep: int = 5,
         poll_seconds: float = 0.0,
         name: str = "builder",
+        fallback_attr: str = "",
     ) -> None:
         self.state_dir = tmp / "state"
         self.port = free_port()
@@ -46,6 +47,7 @@ class BuilderProcess:
         self.config = tmp / f"{name}.toml"
         lines = [
             f'state_dir = "{self.state_dir}"',
+            f'fallback_attr = "{fallback_attr}"',
             "[nats]",
             f'url = "{nats_url}"',
             "[builder]",

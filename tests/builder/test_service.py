@@ -219,7 +219,9 @@ async def test_flake_change_is_detected_by_polling(
     tmp_path: Path, nats_url: str, flake_dir: Path, evlog: EventLog
 ) -> None:
     machines = [{"mac": MAC_A, "name": "pc-a", "attr": "lab"}]
-    b = BuilderProcess(tmp_path, nats_url, f"path:{flake_dir}", machines, poll_seconds=0.3)
+    b = BuilderProcess(
+        tmp_path, nats_url, f"path:{flake_dir}", machines, poll_seconds=0.3, fallback_attr="demo"
+    )
     b.start()
     try:
         # First start: no generation yet, so the poller builds one by itself.
@@ -231,5 +233,9 @@ async def test_flake_change_is_detected_by_polling(
         assert g["generations"][0]["kernel_params"].endswith(" quiet")
         reasons = {e.reason for e in evlog.of(events.BuildRequested)}
         assert reasons == {"flake-change"}
+        # The fallback configuration (what unknown MACs boot) is built and recorded too.
+        await evlog.wait_for(
+            lambda: len(evlog.of(events.GenerationCreated, mac=None, attr="demo")) == 2
+        )
     finally:
         b.stop()

@@ -81,6 +81,7 @@ def install(
     state_dir: Path,
     token: str,
     list_attrs: AttrLister,
+    fallback_attr: str = "",
 ) -> None:
     def authorize(request: Request) -> None:
         if not check_api_token(token, request.headers.get("authorization")):
@@ -212,11 +213,13 @@ def install(
         if body.all == bool(body.machines):
             raise ApiError(422, 'give either "machines": [...] or "all": true')
         machines = await store.machines() if body.all else [await resolve(r) for r in body.machines]
-        if not machines:
+        if not machines and not (body.all and fallback_attr):
             raise ApiError(404, "no machines registered")
         by_attr: dict[str, list[str]] = {}
         for m in machines:
             by_attr.setdefault(m.attr, []).append(m.name)
+        if body.all and fallback_attr:
+            by_attr.setdefault(fallback_attr, []).append("(unknown MACs)")
         since = time.time()
         out = []
         for attr, names in sorted(by_attr.items()):

@@ -89,6 +89,7 @@ async def setup(ctx: ServiceContext, app: FastAPI) -> None:
         state_dir=state_dir,
         token=token,
         list_attrs=list_attrs,
+        fallback_attr=cfg.fallback_attr,
     )
     log.info("builder: flake %s, keeping %d generations", flake, cfg.builder.keep_generations)
 
