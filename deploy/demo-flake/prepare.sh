@@ -11,8 +11,10 @@ if ldd "$busybox" >/dev/null 2>&1; then
   exit 1
 fi
 mkdir -p "$dest/bb/bin"
-for f in flake.nix system.nix knobs.nix; do
-  [ -e "$dest/$f" ] || cp "$here/$f" "$dest/$f"
+# The expressions follow the checkout; knobs.nix is the copy's own once it exists.
+for f in flake.nix system.nix; do
+  cmp -s "$here/$f" "$dest/$f" || cp "$here/$f" "$dest/$f"
 done
+[ -e "$dest/knobs.nix" ] || cp "$here/knobs.nix" "$dest/knobs.nix"
 cmp -s "$busybox" "$dest/bb/bin/busybox" || cp "$busybox" "$dest/bb/bin/busybox"
 ln -sfn busybox "$dest/bb/bin/sh"

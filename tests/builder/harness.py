@@ -39,6 +39,7 @@ class BuilderProcess:
         keep: int = 5,
         poll_seconds: float = 0.0,
         name: str = "builder",
+        fallback_attr: str = "",
     ) -> None:
         self.state_dir = tmp / "state"
         self.port = free_port()
@@ -46,6 +47,7 @@ class BuilderProcess:
         self.config = tmp / f"{name}.toml"
         lines = [
             f'state_dir = "{self.state_dir}"',
+            f'fallback_attr = "{fallback_attr}"',
             "[nats]",
             f'url = "{nats_url}"',
             "[builder]",
@@ -123,6 +125,7 @@ class EventLog:
             self._changed.set()
 
         await self.nc.subscribe("nixboot.evt.>", cb=on_msg)
+        await self.nc.flush()  # subscribed on the server before the test goes on
         return self
 
     async def close(self) -> None:

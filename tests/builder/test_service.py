@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nixboot_builder import demo
-from nixboot_shared import events
+from nixboot_shared import bus, events
 from tests.builder.harness import BuilderProcess, EventLog
 
 MAC_A = "52:54:00:00:00:0a"
@@ -208,6 +209,19 @@ async def test_failing_flake_keeps_generation_and_bad_input_is_refused(
             r = await http.post("/machines/pc-a/pin", json={"number": 1, "once": True})
             assert r.status_code == 200 and r.json()["next_boot"] == 1
         await evlog.wait_for(lambda: bool(evlog.of(events.GenerationPinned, mac=MAC_A)))
+        # The machine reports it booted: the one-shot pin is spent.
+        assert evlog.nc is not None
+        await bus.publish(evlog.nc.jetstream(), events.StageReported(mac=MAC_A, stage="booted"))
+        async with b.client() as http:
+            for _ in range(50):
+                g = (await http.get("/machines/pc-a/generations")).json()
+                if g["next_boot"] is None:
+                    break
+                await asyncio.sleep(0.1)
+        assert g["next_boot"] is None and g["default"] == 1
+        # The machine added at run time got its first generation without being asked.
+        await evlog.wait_for(lambda: bool(evlog.of(events.GenerationCreated, mac=MAC_B)))
+        assert {e.reason for e in evlog.of(events.BuildRequested)} == {"manual", "machine-added"}
     finally:
         b.stop()
 
@@ -216,7 +230,9 @@ async def test_flake_change_is_detected_by_polling(
     tmp_path: Path, nats_url: str, flake_dir: Path, evlog: EventLog
 ) -> None:
     machines = [{"mac": MAC_A, "name": "pc-a", "attr": "lab"}]
-    b = BuilderProcess(tmp_path, nats_url, f"path:{flake_dir}", machines, poll_seconds=0.3)
+    b = BuilderProcess(
+        tmp_path, nats_url, f"path:{flake_dir}", machines, poll_seconds=0.3, fallback_attr="demo"
+    )
     b.start()
     try:
         # First start: no generation yet, so the poller builds one by itself.
@@ -228,5 +244,9 @@ async def test_flake_change_is_detected_by_polling(
         assert g["generations"][0]["kernel_params"].endswith(" quiet")
         reasons = {e.reason for e in evlog.of(events.BuildRequested)}
         assert reasons == {"flake-change"}
+        # The fallback configuration (what unknown MACs boot) is built and recorded too.
+        await evlog.wait_for(
+            lambda: len(evlog.of(events.GenerationCreated, mac=None, attr="demo")) == 2
+        )
     finally:
         b.stop()

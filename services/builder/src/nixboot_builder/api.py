@@ -81,6 +81,7 @@ def install(
     state_dir: Path,
     token: str,
     list_attrs: AttrLister,
+    fallback_attr: str = "",
 ) -> None:
     def authorize(request: Request) -> None:
         if not check_api_token(token, request.headers.get("authorization")):
@@ -110,6 +111,12 @@ def install(
             raise ApiError(
                 422, f"the flake has no nixosConfigurations.{machine.attr} (it has: {have})"
             )
+
+    async def build_if_new(machine: Machine, previous: Machine | None = None) -> None:
+        """A new machine, or one moved to another configuration, gets a build right away."""
+        record = await store.generations(mac_token(machine.mac))
+        if not (record and record.generations) or (previous and previous.attr != machine.attr):
+            await request_build(js, machine.attr, "machine-added")
 
     def gens_json(record: MachineGenerations | None) -> dict[str, Any]:
         if record is None:
@@ -141,6 +148,7 @@ def install(
             if other.name == machine.name:
                 raise ApiError(409, f"name {machine.name!r} is taken by {other.mac}")
         await store.put_machine(machine)
+        await build_if_new(machine)
         return _json(machine, 201)
 
     @app.get("/machines/{ref}")
@@ -160,7 +168,9 @@ def install(
         if machine.mac != mac:
             raise ApiError(422, f"body MAC {machine.mac} differs from the URL's {mac}")
         await validate(machine)
+        previous = await store.machine(machine.mac)
         await store.put_machine(machine)
+        await build_if_new(machine, previous)
         return _json(machine)
 
     @app.delete("/machines/{ref}")
@@ -203,11 +213,13 @@ def install(
         if body.all == bool(body.machines):
             raise ApiError(422, 'give either "machines": [...] or "all": true')
         machines = await store.machines() if body.all else [await resolve(r) for r in body.machines]
-        if not machines:
+        if not machines and not (body.all and fallback_attr):
             raise ApiError(404, "no machines registered")
         by_attr: dict[str, list[str]] = {}
         for m in machines:
             by_attr.setdefault(m.attr, []).append(m.name)
+        if body.all and fallback_attr:
+            by_attr.setdefault(fallback_attr, []).append("(unknown MACs)")
         since = time.time()
         out = []
         for attr, names in sorted(by_attr.items()):

@@ -5,6 +5,7 @@ helpers below; this module only runs commands."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
@@ -170,7 +171,8 @@ class Nix:
         )
         assert proc.stdout is not None and proc.stderr is not None
         log = nixlog.BuildLog()
-        lines: list[str] = []
+        # The full log goes to NATS as it comes; only the tail is kept for the failure event.
+        lines: collections.deque[str] = collections.deque(maxlen=200)
         stdout_task = asyncio.ensure_future(proc.stdout.read())
         try:
             async for raw in proc.stderr:
@@ -191,8 +193,8 @@ class Nix:
             raise
         if rc != 0:
             message = log.errors[-1] if log.errors else f"nix build exited with {rc}"
-            raise NixError(message, "\n".join(lines[-40:]))
-        return parse_build_json(stdout), log, lines
+            raise NixError(message, "\n".join(list(lines)[-40:]))
+        return parse_build_json(stdout), log, list(lines)
 
     async def closure_size(self, path: str) -> int:
         return parse_closure_size(await self._run("nix", "path-info", "-S", "--json", path), path)

@@ -5,7 +5,10 @@ configuration has no generation built from the current fingerprint (first start)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
+from pathlib import Path
 
 from nats.js import JetStreamContext
 
@@ -17,6 +20,32 @@ from nixboot_shared import subjects
 log = logging.getLogger(__name__)
 
 
+def local_flake_dir(flake: str) -> Path | None:
+    """The directory of a local flake reference (``/x``, ``path:/x``, ``git+file:///x``)."""
+    for prefix in ("path:", "git+file://", ""):
+        if flake.startswith(prefix) and flake[len(prefix) :].startswith("/"):
+            return Path(flake[len(prefix) :].split("?", 1)[0])
+    return None
+
+
+def tree_stamp(directory: Path) -> str:
+    """A cheap summary of a directory's files (names, sizes, mtimes; git objects left out):
+    when it is unchanged, asking nix for the flake's fingerprint can be skipped."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        if os.path.basename(root) == ".git" and "objects" in dirs:
+            dirs.remove("objects")
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 class FlakePoller:
     def __init__(
         self, js: JetStreamContext, store: Store, nix: Nix, flake: str, fallback_attr: str = ""
@@ -24,6 +53,8 @@ class FlakePoller:
         self.js, self.store, self.nix, self.flake = js, store, nix, flake
         self.fallback_attr = fallback_attr
         self.fingerprint: str | None = None
+        self.local_dir = local_flake_dir(flake)
+        self.stamp: str | None = None
 
     async def attrs_needing_build(self, fingerprint: str) -> list[str]:
         """Attributes in use whose machines' newest generation is not from ``fingerprint``."""
@@ -40,6 +71,13 @@ class FlakePoller:
 
     async def poll_once(self) -> list[str]:
         """One poll; returns the attributes queued."""
+        if self.local_dir is not None and self.fingerprint is not None:
+            stamp = await asyncio.to_thread(tree_stamp, self.local_dir)
+            if stamp == self.stamp:
+                return []
+            self.stamp = stamp
+        elif self.local_dir is not None:
+            self.stamp = await asyncio.to_thread(tree_stamp, self.local_dir)
         try:
             fingerprint = await self.nix.flake_fingerprint(self.flake)
         except NixError as e:
@@ -50,7 +88,13 @@ class FlakePoller:
         attrs = await self.attrs_needing_build(fingerprint)
         for attr in attrs:
             # Keyed by revision: every builder instance polls, JetStream keeps one request.
-            await request_build(self.js, attr, "flake-change", dedupe_key=f"{attr}@{fingerprint}")
+            await request_build(
+                self.js,
+                attr,
+                "flake-change",
+                dedupe_key=f"{attr}@{fingerprint}",
+                flake_rev=fingerprint,
+            )
         if attrs:
             log.info("flake %s changed (%s): queued %s", self.flake, fingerprint, ", ".join(attrs))
         self.fingerprint = fingerprint

@@ -67,9 +67,15 @@ async def setup(ctx: ServiceContext, app: FastAPI) -> None:
         if record is not None and record.next_boot is not None:
             await store.update_generations(key, event.mac, generations.consume_next_boot)
 
-    await bus.subscribe_events(
+    stage_sub = await bus.subscribe_events(
         ctx.js, on_stage, durable="builder-oneshot", filter_subject=f"{subjects.PREFIX}.evt.stage.>"
     )
+
+    async def leave_queues() -> None:
+        await builder.stop()
+        await stage_sub.unsubscribe()
+
+    ctx.cleanups.append(leave_queues)
 
     async def list_attrs() -> list[str] | None:
         return await api.flake_attrs(nix, flake)
@@ -83,6 +89,7 @@ async def setup(ctx: ServiceContext, app: FastAPI) -> None:
         state_dir=state_dir,
         token=token,
         list_attrs=list_attrs,
+        fallback_attr=cfg.fallback_attr,
     )
     log.info("builder: flake %s, keeping %d generations", flake, cfg.builder.keep_generations)
 

@@ -18,6 +18,9 @@ class BuildRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     build_id: str = msgspec.field(default_factory=new_id)
     attr: str
     reason: str = "manual"
+    # Set by the flake poller, which just fingerprinted the flake: saves the builder a second
+    # `nix flake metadata` (a later change is caught by the next poll).
+    flake_rev: str | None = None
     requested: float = msgspec.field(default_factory=time.time)
 
 

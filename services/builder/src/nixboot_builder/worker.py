@@ -31,11 +31,15 @@ PROGRESS_EVERY_SECONDS = 0.5
 
 
 async def request_build(
-    js: JetStreamContext, attr: str, reason: str, dedupe_key: str | None = None
+    js: JetStreamContext,
+    attr: str,
+    reason: str,
+    dedupe_key: str | None = None,
+    flake_rev: str | None = None,
 ) -> wire.BuildRequest:
     """Queue a build of ``attr``. ``dedupe_key`` (e.g. attr + flake revision) makes requests from
     several instances or polls collapse into one within JetStream's duplicate window."""
-    req = wire.BuildRequest(attr=attr, reason=reason)
+    req = wire.BuildRequest(attr=attr, reason=reason, flake_rev=flake_rev)
     headers = {"Nats-Msg-Id": dedupe_key or req.build_id}
     ack = await js.publish(subjects.build_request_subject(attr), wire.encode(req), headers=headers)
     if ack.duplicate:
@@ -60,9 +64,19 @@ class Builder:
         self.nc, self.js, self.store, self.nix = nc, js, store, nix
         self.flake, self.state_dir, self.keep = flake, state_dir, keep
         self.fallback_attr = fallback_attr
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._stopping = False
+
+    async def stop(self) -> None:
+        """Leave the work queue. Called before the NATS connection drains: a pull subscription
+        left behind mid-fetch holds the drain for its whole timeout."""
+        self._stopping = True
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
 
     async def run(self) -> None:
-        sub = await self.js.pull_subscribe(
+        self._sub = sub = await self.js.pull_subscribe(
             subjects.BUILDS_SUBJECTS,
             durable=DURABLE,
             stream=subjects.BUILDS_STREAM,
@@ -70,11 +84,15 @@ class Builder:
                 ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_SECONDS, max_deliver=-1
             ),
         )
-        while True:
+        while not self._stopping:
             try:
                 msgs = await sub.fetch(1, timeout=5)
             except (FetchTimeoutError, TimeoutError):
                 continue
+            except Exception:
+                if self._stopping:
+                    return
+                raise
             for msg in msgs:
                 await self._handle(msg)
 
@@ -114,7 +132,7 @@ class Builder:
         started = time.monotonic()
         bid, attr = req.build_id, req.attr
         try:
-            rev = await self.nix.flake_fingerprint(self.flake)
+            rev = req.flake_rev or await self.nix.flake_fingerprint(self.flake)
         except NixError as e:
             await self._fail(req, str(e), e.log_tail)
             return None
@@ -164,6 +182,7 @@ class Builder:
             closure_size=closure,
             created=time.time(),
         )
+        built = time.monotonic()
         created = await self.record(attr, new)
         # Announced after recording: whoever sees it finds the generations already in KV.
         await bus.publish(
@@ -171,7 +190,14 @@ class Builder:
             events.BuildSucceeded(build_id=bid, attr=attr, toplevel=toplevel, seconds=seconds),
         )
         await self._log(bid, wire.LogRecord(kind="end", ok=True, toplevel=toplevel))
-        log.info("build %s of %s: %s in %.1fs", bid, attr, toplevel, seconds)
+        log.info(
+            "build %s of %s: %s in %.2fs, recorded in %.2fs",
+            bid,
+            attr,
+            toplevel,
+            seconds,
+            time.monotonic() - built,
+        )
         return created
 
     async def record(self, attr: str, new: Generation) -> Generation | None:
