@@ -17,6 +17,7 @@ import bz2
 import logging
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,7 @@ import msgspec
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from nats.js.kv import KeyValue
+from starlette.background import BackgroundTask
 
 from nixboot_cache import metrics, nix32
 from nixboot_cache.narcache import NarCache, NarMeta, open_inflight, stream_inflight
@@ -110,6 +112,7 @@ class CacheService:
         )
         self.publish_event: Publish = _no_publish
         self.warmer = Warmer(self.store, self.nars, self._publish, parallel=cores)
+        self.leases: KeyValue | None = None
         self._narinfo_memo: dict[tuple[PathInfo, str, int], str] = {}
         self._known: dict[str, str] = {}  # nar hash -> store path, for every narinfo we answered
         metrics.CACHE_BYTES.set_function(lambda: self.nars.total_bytes)
@@ -176,6 +179,32 @@ class CacheService:
         for top in tops:
             task = self.warmer.warm(top, mac, trigger)
             task.add_done_callback(_log_failure)
+
+    async def report_boot_file(
+        self, *, client: str, file: str, kind: str, size: int, started: float
+    ) -> None:
+        mac = await self.mac_of_ip(client)
+        await self._publish(
+            events.BootFileRequested(
+                mac=mac,
+                file=file,
+                file_kind="kernel" if kind == "kernel" else "initrd",
+                client=client,
+                protocol="http",
+                bytes=size,
+                seconds=time.monotonic() - started,
+            )
+        )
+
+    async def mac_of_ip(self, ip: str) -> str | None:
+        """The MAC that last leased ``ip`` (the DHCP hook's index in the leases bucket)."""
+        if self.leases is None or not ip:
+            return None
+        try:
+            entry = await self.leases.get(subjects.ip_key(ip))
+            return subjects.normalize_mac(entry.value.decode()) if entry.value else None
+        except Exception:  # no lease known for this address, or NATS away: report without MAC
+            return None
 
 
 def _log_failure(task: asyncio.Task[object]) -> None:
@@ -262,7 +291,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
 
     # -- boot files ------------------------------------------------------------------------------
     @app.api_route("/boot/{toplevel_hash}/{which}", methods=["GET", "HEAD"])
-    async def boot_file(toplevel_hash: str, which: str) -> Response:
+    async def boot_file(toplevel_hash: str, which: str, request: Request) -> Response:
         if not nix32.is_store_hash(toplevel_hash) or which not in ("kernel", "initrd"):
             return _bad("boot", "expected /boot/<toplevel hash>/kernel or initrd")
         gen = svc.gens.by_toplevel_hash(toplevel_hash)
@@ -272,7 +301,19 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
         if not real.startswith(STORE_DIR + "/") or not os.path.isfile(real):
             return _bad("boot", "boot file missing from the store", 404)
         metrics.REQUESTS.labels("boot", "200").inc()
-        return FileResponse(real, media_type="application/octet-stream")
+        task = None
+        if request.method == "GET" and "range" not in request.headers:
+            # Whole-file downloads become BootFileRequested events (per-stage timing); the task
+            # runs once the response has been handed to the server.
+            task = BackgroundTask(
+                svc.report_boot_file,
+                client=request.client.host if request.client else "",
+                file=f"boot/{toplevel_hash}/{which}",
+                kind=which,
+                size=os.path.getsize(real),
+                started=time.monotonic(),
+            )
+        return FileResponse(real, media_type="application/octet-stream", background=task)
 
     @app.api_route("/boot.ipxe", methods=["GET", "HEAD"])
     async def boot_ipxe() -> Response:
@@ -386,6 +427,7 @@ def main(cfg: Config) -> int:
         svc.publish_event = publish
         add_routes(app, svc)
         kv = ctx.kv[subjects.KV_GENERATIONS]
+        svc.leases = ctx.kv[subjects.KV_LEASES]
         ctx.spawn(_watch_generations(svc, kv), "generations-watch")
 
         async def on_event(event: events.AnyEvent) -> None:
