@@ -226,8 +226,8 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
     async def cache_info() -> Response:
         return Response(CACHE_INFO, media_type="text/x-nix-cache-info")
 
-    @app.api_route("/{hash_part}.narinfo", methods=["GET", "HEAD"])
-    async def get_narinfo(hash_part: str) -> Response:
+    async def get_narinfo(request: Request) -> Response:
+        hash_part = request.path_params["hash_part"]
         if not nix32.is_store_hash(hash_part):
             return _bad("narinfo", f"malformed store hash {hash_part!r}")
         info = svc.store.by_hash(hash_part)
@@ -241,6 +241,10 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
             svc.nars.start(info)
         metrics.REQUESTS.labels("narinfo", "200").inc()
         return Response(svc.narinfo(info, meta), media_type="text/x-nix-narinfo")
+
+    # A plain Starlette route: the hottest request (one per closure path per machine) skips
+    # FastAPI's parameter validation layer.
+    app.add_route("/{hash_part}.narinfo", get_narinfo, methods=["GET", "HEAD"])
 
     @app.api_route("/nar/{name}", methods=["GET", "HEAD"])
     async def get_nar(name: str, request: Request) -> Response:
