@@ -20,7 +20,7 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from fastapi import FastAPI, Request, Response
@@ -113,12 +113,21 @@ class CacheService:
         self.publish_event: Publish = _no_publish
         self.warmer = Warmer(self.store, self.nars, self._publish, parallel=cores)
         self.leases: KeyValue | None = None
+        self._pending: set[asyncio.Task[None]] = set()
         self._narinfo_memo: dict[tuple[PathInfo, str, int], str] = {}
         self._known: dict[str, str] = {}  # nar hash -> store path, for every narinfo we answered
         metrics.CACHE_BYTES.set_function(lambda: self.nars.total_bytes)
 
     async def _publish(self, event: events.Event) -> None:
         await self.publish_event(event)
+
+    def publish_soon(self, event: events.Event) -> None:
+        """Publish without making an HTTP client wait (a menu must not hang while NATS
+        restarts; ``bus.publish`` retries for up to ~30 s)."""
+        task = asyncio.ensure_future(self._publish(event))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(_log_failure)
 
     def _protected(self) -> set[str]:
         """Nar hashes of every path in a protected closure (runs in a worker thread)."""
@@ -207,9 +216,9 @@ class CacheService:
             return None
 
 
-def _log_failure(task: asyncio.Task[object]) -> None:
+def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("warm failed: %s", task.exception())
+        log.error("%s failed: %s", task.get_coro(), task.exception())
 
 
 async def _no_publish(event: events.Event) -> None:
@@ -349,7 +358,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
         text = menu.render_ipxe(spec, svc.cfg.cache.public_url.rstrip("/") + "/")
         if request.method == "GET":
             gens, default = menu.ordered_entries(spec)
-            await svc._publish(
+            svc.publish_soon(
                 events.MenuServed(
                     mac=norm,
                     boot_id=boot_id,
