@@ -48,7 +48,7 @@ def test_demo_closure_substitutes(
     """Both HTTP servers the frame can run serve the real client correctly."""
     top, paths = demo_toplevel
     server = start_cache(
-        tmp_path / "state", nats_url, extra_env={"NIXBOOT_CACHE__HTTP_SERVER": http_server}
+        tmp_path / "state", nats_url, extra_env={"NIXBOOT_CACHE__HTTP__SERVER": http_server}
     )
     try:
         substitute(nixfx, server, tmp_path / "root", tmp_path / "xdg", top)

@@ -53,3 +53,10 @@ def test_bad_config_names_the_key(
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "absent.toml", environ={})
+
+
+def test_a_partial_listen_table_keeps_the_service_defaults(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "[cache.http]\nport = 9080\n"), environ={})
+    assert (cfg.cache.http.host, cfg.cache.http.port) == ("0.0.0.0", 9080)
+    cfg = load(write(tmp_path, ""), environ={"NIXBOOT_TFTP__HTTP__HOST": "10.0.0.1"})
+    assert (cfg.tftp.http.host, cfg.tftp.http.port) == ("10.0.0.1", 8083)

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -19,7 +20,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from nixboot_shared import events, metrics, subjects
@@ -66,9 +67,25 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
 
 
-async def bootstrap(js: JetStreamContext, replicas: int = 1) -> dict[str, KeyValue]:
+async def bootstrap(
+    js: JetStreamContext, replicas: int = 1, *, patience: float = 30.0
+) -> dict[str, KeyValue]:
     """Create the streams and KV buckets if missing. Idempotent and safe to race: add_stream with
-    an identical config succeeds for every caller, so several services may start at once."""
+    an identical config succeeds for every caller, so several services may start at once.
+    While a cluster elects a new leader (after a node loss) JetStream answers 503 or times out:
+    keep trying for ``patience`` seconds instead of failing the service's start."""
+    deadline = asyncio.get_running_loop().time() + patience
+    while True:
+        try:
+            return await _bootstrap_once(js, replicas)
+        except (ServiceUnavailableError, nats.errors.TimeoutError) as e:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            log.warning("jetstream not ready (%s), retrying bootstrap", e or type(e).__name__)
+            await asyncio.sleep(0.5)
+
+
+async def _bootstrap_once(js: JetStreamContext, replicas: int) -> dict[str, KeyValue]:
     await _ensure_stream(
         js,
         StreamConfig(

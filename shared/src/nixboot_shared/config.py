@@ -41,6 +41,27 @@ class NatsConfig(_Section):
 class HttpListen(_Section):
     host: str = "127.0.0.1"
     port: int = 0
+    # "granian" (Rust, zero-copy file responses: ~5x uvicorn on NARs here) or "uvicorn".
+    server: str = "uvicorn"
+
+
+# One class per service so a table that sets only `port` keeps that service's default host.
+class TftpHttp(HttpListen):
+    port: int = 8083
+
+
+class CacheHttp(HttpListen):
+    host: str = "0.0.0.0"  # booting machines fetch kernels, NARs and menus here
+    port: int = 8080
+    server: str = "granian"
+
+
+class BuilderHttp(HttpListen):
+    port: int = 8081
+
+
+class DhcpHookHttp(HttpListen):
+    port: int = 8082
 
 
 class TftpConfig(_Section):
@@ -49,14 +70,11 @@ class TftpConfig(_Section):
     # Directory with pxelinux/iPXE boot programs; empty: Debian's package locations.
     boot_programs_dir: str = ""
     max_transfers: int = 256
-    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(port=8083))
+    http: TftpHttp = msgspec.field(default_factory=TftpHttp)
 
 
 class CacheConfig(_Section):
-    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(host="0.0.0.0", port=8080))
-    # HTTP server: "granian" (Rust, zero-copy file responses: ~4-5x uvicorn on NARs here) or
-    # "uvicorn".
-    http_server: str = "granian"
+    http: CacheHttp = msgspec.field(default_factory=CacheHttp)
     # URL booting machines use to reach this service (kernel command line, menus).
     public_url: str = "http://127.0.0.1:8080"
     max_bytes: int = 20 * 1024**3
@@ -68,7 +86,7 @@ class CacheConfig(_Section):
 
 
 class BuilderConfig(_Section):
-    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(port=8081))
+    http: BuilderHttp = msgspec.field(default_factory=BuilderHttp)
     # Flake reference (path or git URL); empty: the bundled demo flake.
     flake: str = ""
     poll_seconds: float = 30.0
@@ -78,11 +96,26 @@ class BuilderConfig(_Section):
 
 
 class DhcpHookConfig(_Section):
-    http: HttpListen = msgspec.field(default_factory=lambda: HttpListen(port=8082))
+    http: DhcpHookHttp = msgspec.field(default_factory=DhcpHookHttp)
     # Unix datagram socket the hook command hands leases to; empty: <state_dir>/dhcp-hook.sock.
     socket: str = ""
     # Where the hook command spools leases the service could not take; empty: <state_dir>/spool.
     spool_dir: str = ""
+
+
+class TimelineConfig(_Section):
+    """Boot sessions (the cache service's timeline tracker)."""
+
+    # A gap this long between two events of one machine starts a new boot session.
+    gap_seconds: float = 900.0
+    # A boot with no outcome this long after its last event counts as abandoned.
+    abandon_seconds: float = 900.0
+    # After booted/failed, wait this long for late transfer events before recording the metrics.
+    settle_seconds: float = 30.0
+    # Sessions kept per machine (KV nixboot-boots) for /boots/<mac>/timeline.
+    keep_sessions: int = 5
+    # How often abandoned and settled sessions are looked for.
+    tick_seconds: float = 5.0
 
 
 class MachineEntry(_Section):
@@ -105,6 +138,7 @@ class Config(_Section):
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     builder: BuilderConfig = msgspec.field(default_factory=BuilderConfig)
     dhcp_hook: DhcpHookConfig = msgspec.field(default_factory=DhcpHookConfig)
+    timeline: TimelineConfig = msgspec.field(default_factory=TimelineConfig)
     machines: list[MachineEntry] = msgspec.field(default_factory=list)
 
     @property
@@ -156,10 +190,21 @@ def _validate(cfg: Config) -> None:
     ):
         if not 0 <= port <= 65535:
             raise ConfigError(f"{section}: port {port} is outside 0..65535")
-    if cfg.cache.http_server not in ("uvicorn", "granian"):
-        raise ConfigError(f"cache.http_server: {cfg.cache.http_server!r} is not uvicorn or granian")
+    for section, listen in (
+        ("tftp.http", cfg.tftp.http),
+        ("cache.http", cfg.cache.http),
+        ("builder.http", cfg.builder.http),
+        ("dhcp_hook.http", cfg.dhcp_hook.http),
+    ):
+        if listen.server not in ("uvicorn", "granian"):
+            raise ConfigError(f"{section}.server: {listen.server!r} is not uvicorn or granian")
     if cfg.builder.keep_generations < 1:
         raise ConfigError("builder.keep_generations: must be at least 1")
+    if cfg.timeline.keep_sessions < 1:
+        raise ConfigError("timeline.keep_sessions: must be at least 1")
+    for key in ("gap_seconds", "abandon_seconds", "tick_seconds"):
+        if getattr(cfg.timeline, key) <= 0:
+            raise ConfigError(f"timeline.{key}: must be positive")
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"log_level: {cfg.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
     for i, m in enumerate(cfg.machines):

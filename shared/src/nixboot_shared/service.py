@@ -82,12 +82,10 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-def _http_server(
-    app: FastAPI, listen: HttpListen, server_kind: str
-) -> tuple[Awaitable[Any], Callable[[], None]]:
+def _http_server(app: FastAPI, listen: HttpListen) -> tuple[Awaitable[Any], Callable[[], None]]:
     """The HTTP server coroutine and its stop function. granian runs embedded in this event
     loop (its Rust side does the socket work, and file responses go out by ``pathsend``)."""
-    if server_kind == "granian":
+    if listen.server == "granian":
         from granian.constants import Interfaces
         from granian.log import LogLevels
         from granian.server.embed import Server as GranianServer
@@ -111,7 +109,7 @@ def _http_server(
     return server.serve(), stop
 
 
-async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup, server: str) -> None:
+async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> None:
     if not cfg.nats.url:
         raise NoNatsConfigured(
             "no NATS URL configured (nats.url / NIXBOOT_NATS__URL): start the whole stack with "
@@ -123,13 +121,13 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup, serve
     ctx = ServiceContext(name=name, cfg=cfg, nc=nc, js=js, kv=kv)
     app = base_app(name, nc)
     await setup(ctx, app)
-    serve, stop_server = _http_server(app, listen, server)
+    serve, stop_server = _http_server(app, listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     serve_task = asyncio.ensure_future(serve)
-    log.info("%s: http (%s) on %s:%d", name, server, listen.host, listen.port)
+    log.info("%s: http (%s) on %s:%d", name, listen.server, listen.host, listen.port)
     done_waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([serve_task, done_waiter], return_when=asyncio.FIRST_COMPLETED)
     stop_server()
@@ -146,12 +144,11 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup, serve
     log.info("%s: stopped", name)
 
 
-def run(name: str, cfg: Config, listen: HttpListen, setup: Setup, server: str = "uvicorn") -> int:
-    """Run a service until SIGTERM/SIGINT; return the process exit code. ``server``: "uvicorn"
-    or "granian" (embedded in the same event loop)."""
+def run(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> int:
+    """Run a service until SIGTERM/SIGINT; return the process exit code."""
     setup_logging(cfg.log_level, name)
     try:
-        asyncio.run(_serve(name, cfg, listen, setup, server))
+        asyncio.run(_serve(name, cfg, listen, setup))
     except NoNatsConfigured as e:
         log.error("%s", e)
         return 2

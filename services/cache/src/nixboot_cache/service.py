@@ -460,4 +460,4 @@ def main(cfg: Config) -> int:
         ctx.cleanups.append(stop_executor)
         log.info("cache: public key %s", svc.public_key)
 
-    return run("cache", cfg, cfg.cache.http, setup, server=cfg.cache.http_server)
+    return run("cache", cfg, cfg.cache.http, setup)

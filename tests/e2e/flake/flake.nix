@@ -1,0 +1,16 @@
+{
+  # nixboot e2e: a NixOS-shaped generation (no nixpkgs) that really boots in a VM.
+  # The test copies this directory to a temporary one and adds: busybox (static), kernel
+  # (Debian's bzImage), initrd (the test initrd with stage1.sh), stage1.sh, and generation.nix
+  # ({ tag = "..."; }: the knob that changes one package between generations).
+  description = "nixboot e2e test system";
+  outputs = { self }:
+    let
+      knobs = import ./generation.nix;
+      system = import ./system.nix { inherit (knobs) tag; };
+    in
+    {
+      nixosConfigurations.e2e = { config = system.config; };
+      packages.x86_64-linux.default = system.config.system.build.toplevel;
+    };
+}
