@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nixboot_cache import nar
-from tests.cache.cache_helpers import CacheServer, NixFixture
+from tests.cache.cache_helpers import NixFixture, start_cache, stop_cache
 from tests.cache.test_substitute import substitute
 
 FLAKE = Path(__file__).parents[2] / "deploy" / "demo-flake"
@@ -37,12 +37,22 @@ def test_demo_closure_nar_equals_dump(demo_toplevel: tuple[str, list[str]]) -> N
         assert b"".join(nar.dump(path)) == theirs.stdout, path
 
 
+@pytest.mark.parametrize("http_server", ["granian", "uvicorn"])
 def test_demo_closure_substitutes(
     nixfx: NixFixture,
-    cache_server: CacheServer,
+    nats_url: str,
     demo_toplevel: tuple[str, list[str]],
     tmp_path: Path,
+    http_server: str,
 ) -> None:
+    """Both HTTP servers the frame can run serve the real client correctly."""
     top, paths = demo_toplevel
-    substitute(nixfx, cache_server, tmp_path / "root", tmp_path / "xdg", top)
-    assert cache_server.metric("nixboot_cache_nar_served_total") == len(paths)
+    server = start_cache(
+        tmp_path / "state", nats_url, extra_env={"NIXBOOT_CACHE__HTTP__SERVER": http_server}
+    )
+    try:
+        substitute(nixfx, server, tmp_path / "root", tmp_path / "xdg", top)
+        assert server.metric("nixboot_cache_nar_served_total") == len(paths)
+        assert f"http ({http_server})" in server.log.read_text()
+    finally:
+        stop_cache(server)

@@ -80,7 +80,11 @@ async def test_lease_warms_once_and_serves_boot(
     started, s1 = await collect(nc, "warm-started")
     finished, s2 = await collect(nc, "warm-finished")
     stages, s3 = await collect(nc, "stage")
+    boot_files, s4 = await collect(nc, "boot-file")
+    menus, s5 = await collect(nc, "menu")
     js = nc.jetstream()
+    leases = (await bus.bootstrap(js))[subjects.KV_LEASES]
+    await leases.put(subjects.ip_key("127.0.0.1"), subjects.mac_token(MAC).encode())
     # A classroom: the same machine's lease five times at once (and a release, ignored).
     for _ in range(5):
         await bus.publish(js, events.LeaseSeen(mac=MAC, ip="10.0.0.5"))
@@ -116,6 +120,14 @@ async def test_lease_warms_once_and_serves_boot(
         r = await http.head(f"/boot/{top}/kernel")
         assert r.status_code == 200 and int(r.headers["content-length"]) == len(kernel)
         assert r.headers.get("accept-ranges") == "bytes"
+        # One event for the whole-file GET (none for the Range request or the HEAD).
+        await wait_for(lambda: len(boot_files) >= 1)
+        await asyncio.sleep(0.3)
+        assert len(boot_files) == 1
+        bf = boot_files[0]
+        assert isinstance(bf, events.BootFileRequested)
+        assert (bf.mac, bf.file_kind, bf.protocol, bf.bytes) == (MAC, "kernel", "http", len(kernel))
+        assert bf.file == f"boot/{top}/kernel" and bf.seconds >= 0
 
         # iPXE chain and per-MAC menu: pinned gen 1 is the default, newest listed first.
         r = await http.get("/boot.ipxe")
@@ -127,6 +139,17 @@ async def test_lease_warms_once_and_serves_boot(
         assert f"nixboot.key={cache_server.public_key()}" in r.text
         boot_id = r.text.split("nixboot.boot_id=")[1].split()[0]
         token = r.text.split("nixboot.token=")[1].split()[0]
+        await wait_for(lambda: len(menus) >= 1)
+        m = menus[0]
+        assert isinstance(m, events.MenuServed)
+        assert (m.mac, m.boot_id, m.format, m.default_generation, m.generations, m.fallback) == (
+            MAC,
+            boot_id,
+            "ipxe",
+            1,
+            [2, 1],
+            False,
+        )
 
         # Stage reports: the menu's token works (body or header); a forged one is refused.
         r = await http.post(f"/report/{boot_id}", json={"stage": "closure", "status": "done",
@@ -147,7 +170,7 @@ async def test_lease_warms_once_and_serves_boot(
         assert [(e.stage, e.boot_id) for e in stages] == [("closure", boot_id), ("booted", boot_id)]  # type: ignore[union-attr]
         assert stages[0].bytes == 123 and stages[0].mac == MAC  # type: ignore[union-attr]
     assert cache_server.metric("nixboot_cache_forged_reports_total") == 2
-    for s in (s1, s2, s3):
+    for s in (s1, s2, s3, s4, s5):
         await s.unsubscribe()  # type: ignore[attr-defined]
 
 

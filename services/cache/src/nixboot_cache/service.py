@@ -17,14 +17,16 @@ import bz2
 import logging
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from nats.js.kv import KeyValue
+from starlette.background import BackgroundTask
 
 from nixboot_cache import metrics, nix32
 from nixboot_cache.narcache import NarCache, NarMeta, open_inflight, stream_inflight
@@ -110,12 +112,22 @@ class CacheService:
         )
         self.publish_event: Publish = _no_publish
         self.warmer = Warmer(self.store, self.nars, self._publish, parallel=cores)
+        self.leases: KeyValue | None = None
+        self._pending: set[asyncio.Task[None]] = set()
         self._narinfo_memo: dict[tuple[PathInfo, str, int], str] = {}
         self._known: dict[str, str] = {}  # nar hash -> store path, for every narinfo we answered
         metrics.CACHE_BYTES.set_function(lambda: self.nars.total_bytes)
 
     async def _publish(self, event: events.Event) -> None:
         await self.publish_event(event)
+
+    def publish_soon(self, event: events.Event) -> None:
+        """Publish without making an HTTP client wait (a menu must not hang while NATS
+        restarts; ``bus.publish`` retries for up to ~30 s)."""
+        task = asyncio.ensure_future(self._publish(event))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(_log_failure)
 
     def _protected(self) -> set[str]:
         """Nar hashes of every path in a protected closure (runs in a worker thread)."""
@@ -177,10 +189,36 @@ class CacheService:
             task = self.warmer.warm(top, mac, trigger)
             task.add_done_callback(_log_failure)
 
+    async def report_boot_file(
+        self, *, client: str, file: str, kind: str, size: int, started: float
+    ) -> None:
+        mac = await self.mac_of_ip(client)
+        await self._publish(
+            events.BootFileRequested(
+                mac=mac,
+                file=file,
+                file_kind="kernel" if kind == "kernel" else "initrd",
+                client=client,
+                protocol="http",
+                bytes=size,
+                seconds=time.monotonic() - started,
+            )
+        )
 
-def _log_failure(task: asyncio.Task[object]) -> None:
+    async def mac_of_ip(self, ip: str) -> str | None:
+        """The MAC that last leased ``ip`` (the DHCP hook's index in the leases bucket)."""
+        if self.leases is None or not ip:
+            return None
+        try:
+            entry = await self.leases.get(subjects.ip_key(ip))
+            return subjects.normalize_mac(entry.value.decode()) if entry.value else None
+        except Exception:  # no lease known for this address, or NATS away: report without MAC
+            return None
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("warm failed: %s", task.exception())
+        log.error("%s failed: %s", task.get_coro(), task.exception())
 
 
 async def _no_publish(event: events.Event) -> None:
@@ -197,8 +235,8 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
     async def cache_info() -> Response:
         return Response(CACHE_INFO, media_type="text/x-nix-cache-info")
 
-    @app.api_route("/{hash_part}.narinfo", methods=["GET", "HEAD"])
-    async def get_narinfo(hash_part: str) -> Response:
+    async def get_narinfo(request: Request) -> Response:
+        hash_part = request.path_params["hash_part"]
         if not nix32.is_store_hash(hash_part):
             return _bad("narinfo", f"malformed store hash {hash_part!r}")
         info = svc.store.by_hash(hash_part)
@@ -212,6 +250,10 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
             svc.nars.start(info)
         metrics.REQUESTS.labels("narinfo", "200").inc()
         return Response(svc.narinfo(info, meta), media_type="text/x-nix-narinfo")
+
+    # A plain Starlette route: the hottest request (one per closure path per machine) skips
+    # FastAPI's parameter validation layer.
+    app.add_route("/{hash_part}.narinfo", get_narinfo, methods=["GET", "HEAD"])
 
     @app.api_route("/nar/{name}", methods=["GET", "HEAD"])
     async def get_nar(name: str, request: Request) -> Response:
@@ -262,7 +304,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
 
     # -- boot files ------------------------------------------------------------------------------
     @app.api_route("/boot/{toplevel_hash}/{which}", methods=["GET", "HEAD"])
-    async def boot_file(toplevel_hash: str, which: str) -> Response:
+    async def boot_file(toplevel_hash: str, which: str, request: Request) -> Response:
         if not nix32.is_store_hash(toplevel_hash) or which not in ("kernel", "initrd"):
             return _bad("boot", "expected /boot/<toplevel hash>/kernel or initrd")
         gen = svc.gens.by_toplevel_hash(toplevel_hash)
@@ -272,7 +314,19 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
         if not real.startswith(STORE_DIR + "/") or not os.path.isfile(real):
             return _bad("boot", "boot file missing from the store", 404)
         metrics.REQUESTS.labels("boot", "200").inc()
-        return FileResponse(real, media_type="application/octet-stream")
+        task = None
+        if request.method == "GET" and "range" not in request.headers:
+            # Whole-file downloads become BootFileRequested events (per-stage timing); the task
+            # runs once the response has been handed to the server.
+            task = BackgroundTask(
+                svc.report_boot_file,
+                client=request.client.host if request.client else "",
+                file=f"boot/{toplevel_hash}/{which}",
+                kind=which,
+                size=os.path.getsize(real),
+                started=time.monotonic(),
+            )
+        return FileResponse(real, media_type="application/octet-stream", background=task)
 
     @app.api_route("/boot.ipxe", methods=["GET", "HEAD"])
     async def boot_ipxe() -> Response:
@@ -304,7 +358,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
         text = menu.render_ipxe(spec, svc.cfg.cache.public_url.rstrip("/") + "/")
         if request.method == "GET":
             gens, default = menu.ordered_entries(spec)
-            await svc._publish(
+            svc.publish_soon(
                 events.MenuServed(
                     mac=norm,
                     boot_id=boot_id,
@@ -386,6 +440,7 @@ def main(cfg: Config) -> int:
         svc.publish_event = publish
         add_routes(app, svc)
         kv = ctx.kv[subjects.KV_GENERATIONS]
+        svc.leases = ctx.kv[subjects.KV_LEASES]
         ctx.spawn(_watch_generations(svc, kv), "generations-watch")
 
         async def on_event(event: events.AnyEvent) -> None:
