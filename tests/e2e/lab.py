@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -20,8 +19,6 @@ from pathlib import Path
 SUBNET = "10.213.0"
 SERVER_IP = f"{SUBNET}.1"
 IPXE_ROM_DIR = Path("/usr/lib/ipxe/qemu")
-PXELINUX_DIR = Path("/usr/lib/PXELINUX")
-SYSLINUX_BIOS = Path("/usr/lib/syslinux/modules/bios")
 
 
 def _ip(*args: str) -> None:
@@ -49,7 +46,6 @@ class Lab:
         self.bridge = "nbbr0"
         self.tap = f"nbtap{os.getpid() % 100000}"
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.tftp_root = work / "tftp"
         self.dhcp_log = work / "dnsmasq.log"
         self.dnsmasq: subprocess.Popen[bytes] | None = None
 
@@ -142,7 +138,8 @@ class Lab:
     def start_dnsmasq(
         self, ipxe_url: str, pxelinux: bool = False, hook: Path | None = None, extra: str = ""
     ) -> None:
-        """DHCP (and, for the pxelinux path, TFTP until the tftp service serves it)."""
+        """DHCP: iPXE chains to ``ipxe_url``; with ``pxelinux`` every client gets lpxelinux.0
+        from the TFTP server on the bridge. ``hook``: the lease script."""
         conf = self.work / "dnsmasq.conf"
         lines = [
             f"interface={self.bridge}",
@@ -170,11 +167,8 @@ class Lab:
         if hook is not None:
             lines.append(f"dhcp-script={hook}")
         if pxelinux:
-            lines += [
-                f"dhcp-boot=lpxelinux.0,,{SERVER_IP}",
-                "enable-tftp",
-                f"tftp-root={self.tftp_root}",
-            ]
+            # lpxelinux from the nixboot tftp service (menus over TFTP, kernels over HTTP)
+            lines.append(f"dhcp-boot=lpxelinux.0,,{SERVER_IP}")
         else:
             lines.append(f"dhcp-boot=tag:ipxe,{ipxe_url}")
         conf.write_text("\n".join(lines) + "\n" + extra)
@@ -190,14 +184,6 @@ class Lab:
             self.dnsmasq.wait(5)
             self.procs.remove(self.dnsmasq)
             self.dnsmasq = None
-
-    def prepare_tftp_root(self) -> Path:
-        self.tftp_root.mkdir(parents=True, exist_ok=True)
-        (self.tftp_root / "pxelinux.cfg").mkdir(exist_ok=True)
-        shutil.copyfile(PXELINUX_DIR / "lpxelinux.0", self.tftp_root / "lpxelinux.0")
-        for m in ("ldlinux.c32", "menu.c32", "libutil.c32"):
-            shutil.copyfile(SYSLINUX_BIOS / m, self.tftp_root / m)
-        return self.tftp_root
 
     # ------------------------------------------------------------------ VMs
     def boot(
