@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nixboot_shared import security, subjects
+from nixboot_shared import pins, security, subjects
 from nixboot_shared.menu import BootParams, MenuSpec, ordered_entries, render_pxelinux
 from nixboot_shared.records import MachineGenerations
 from nixboot_tftp import metrics
@@ -141,15 +141,7 @@ class TftpContent:
         file_base = s.cache_url.rstrip("/") + "/" if http else ""
         text = render_pxelinux(spec, file_base)
         ordered, default = ordered_entries(spec)
-        once = None
-        if (
-            not fallback
-            and gens is not None
-            and default is not None
-            and gens.next_boot is not None
-            and default.number == gens.next_boot
-        ):
-            once = gens.next_boot
+        once = None if fallback else pins.once_made_default(gens)
         info = MenuInfo(
             boot_id=boot_id,
             default_generation=default.number if default else None,
