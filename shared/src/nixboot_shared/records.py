@@ -63,3 +63,6 @@ class Lease(msgspec.Struct, kw_only=True):
     user_class: str | None = None
     server_ts: float | None = None
     seen: float = 0.0
+    # The last lease change applied: new, renew, release or expire (a released lease stays as a
+    # marker so that a late, older event cannot bring it back).
+    kind: str = "new"

@@ -82,6 +82,33 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+def _http_server(app: FastAPI, listen: HttpListen) -> tuple[Awaitable[Any], Callable[[], None]]:
+    """The HTTP server coroutine and its stop function. granian runs embedded in this event
+    loop (its Rust side does the socket work, and file responses go out by ``pathsend``)."""
+    if listen.server == "granian":
+        from granian.constants import Interfaces
+        from granian.log import LogLevels
+        from granian.server.embed import Server as GranianServer
+
+        granian = GranianServer(
+            app,
+            address=listen.host,
+            port=listen.port,
+            interface=Interfaces.ASGINL,
+            websockets=False,
+            log_level=LogLevels.warning,
+        )
+        return granian.serve(), granian.stop
+    server = _QuietServer(
+        uvicorn.Config(app, host=listen.host, port=listen.port, log_level="warning", lifespan="off")
+    )
+
+    def stop() -> None:
+        server.should_exit = True
+
+    return server.serve(), stop
+
+
 async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> None:
     if not cfg.nats.url:
         raise NoNatsConfigured(
@@ -94,18 +121,16 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> No
     ctx = ServiceContext(name=name, cfg=cfg, nc=nc, js=js, kv=kv)
     app = base_app(name, nc)
     await setup(ctx, app)
-    server = _QuietServer(
-        uvicorn.Config(app, host=listen.host, port=listen.port, log_level="warning", lifespan="off")
-    )
+    serve, stop_server = _http_server(app, listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    serve_task = asyncio.ensure_future(server.serve())
-    log.info("%s: http on %s:%d", name, listen.host, listen.port)
+    serve_task = asyncio.ensure_future(serve)
+    log.info("%s: http (%s) on %s:%d", name, listen.server, listen.host, listen.port)
     done_waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([serve_task, done_waiter], return_when=asyncio.FIRST_COMPLETED)
-    server.should_exit = True
+    stop_server()
     with contextlib.suppress(Exception):
         await serve_task
     for cleanup in reversed(ctx.cleanups):

@@ -112,6 +112,7 @@ class CacheService:
         self.publish_event: Publish = _no_publish
         self.kv_generations: KeyValue | None = None  # set once NATS is up (one-shot pins)
         self.warmer = Warmer(self.store, self.nars, self._publish, parallel=cores)
+        self._narinfo_memo: dict[tuple[PathInfo, str, int], str] = {}
         self._known: dict[str, str] = {}  # nar hash -> store path, for every narinfo we answered
         metrics.CACHE_BYTES.set_function(lambda: self.nars.total_bytes)
 
@@ -127,6 +128,12 @@ class CacheService:
 
     # -- binary cache ---------------------------------------------------------------------------
     def narinfo(self, info: PathInfo, meta: NarMeta | None) -> str:
+        """The signed narinfo text; memoised, since the same paths are asked for by every
+        machine of a classroom (the key covers everything the text is made of)."""
+        memo_key = (info, meta.file_hash if meta else "", meta.file_size if meta else 0)
+        text = self._narinfo_memo.get(memo_key)
+        if text is not None:
+            return text
         ni = NarInfo(
             store_path=info.path,
             url=f"nar/{info.nar_hash32}.nar.zst",
@@ -139,7 +146,11 @@ class CacheService:
             deriver=info.deriver.removeprefix(STORE_DIR + "/") if info.deriver else None,
             ca=info.ca,
         )
-        return self.key.sign_narinfo(ni).render()
+        text = self.key.sign_narinfo(ni).render()
+        if len(self._narinfo_memo) >= 50_000:
+            self._narinfo_memo.clear()
+        self._narinfo_memo[memo_key] = text
+        return text
 
     def path_for_nar(self, h: str) -> PathInfo | None:
         path = self._known.get(h)

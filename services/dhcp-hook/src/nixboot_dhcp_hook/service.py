@@ -1,83 +1,395 @@
-"""dhcp-hook service: turns DHCP leases into LeaseSeen events and the MAC<->IP lease map."""
+"""dhcp-hook service: turns DHCP lease changes into LeaseSeen events and the MAC<->IP lease map.
+
+Inputs: datagrams from the hook command on a unix socket, the hook's spool directory (drained at
+start and every few seconds), and ``POST /leases`` (same fields as LeasePayload, API token) for DHCP
+servers on other hosts. Every input goes through the same parser and ``Recorder``.
+"""
 
 from __future__ import annotations
 
-import ipaddress
+import asyncio
+import contextlib
 import logging
+import os
+import socket
+import time
+from pathlib import Path
 
 import msgspec
 from fastapi import FastAPI, Request, Response
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+from prometheus_client import Counter, Histogram
 
+from nixboot_dhcp_hook import hook, parse
+from nixboot_dhcp_hook.parse import BadLease, LeaseChange
 from nixboot_shared import bus, events, metrics, records, security, subjects
 from nixboot_shared.config import Config
 from nixboot_shared.service import ServiceContext, run
 
 log = logging.getLogger(__name__)
 
+DRAIN_INTERVAL_SECONDS = 2.0
+# Publish attempts before a change goes (back) to the spool: short, the spool retries for ever.
+PUBLISH_ATTEMPTS = 3
+RETRANSMIT_SECONDS = 3.0
+
+LEASE_CHANGES = Counter("nixboot_dhcp_lease_changes", "Lease changes recorded", ["source", "kind"])
+STALE = Counter(
+    "nixboot_dhcp_stale_lease_changes",
+    "Lease changes older than the lease map's: published, not applied to the map",
+    ["source"],
+)
+RETRANSMITS = Counter(
+    "nixboot_dhcp_retransmits",
+    "Repeated grants of the same lease within seconds: applied to the map, not published",
+    ["source"],
+)
+SPOOLED = Counter(
+    "nixboot_dhcp_spooled", "Hook payloads the service put back into the spool (NATS down)"
+)
+DRAINED = Counter("nixboot_dhcp_spool_drained", "Spool files delivered or rejected")
+LEASE_TO_EVENT = Histogram(
+    "nixboot_dhcp_lease_to_event_seconds",
+    "From the hook call (or HTTP request) to the event stored in JetStream",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5, 30, 300),
+)
+
 
 class LeasePayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``POST /leases``: one lease change, from a DHCP server on another host."""
+
     mac: str
     ip: str
     hostname: str | None = None
-    kind: events.LeaseKind = "new"
+    kind: str = "new"
     expires: float | None = None
-    arch: events.Arch = "unknown"
+    arch: str = "unknown"
     user_class: str | None = None
     vendor_class: str | None = None
     server_ts: float | None = None
 
 
-def to_event(p: LeasePayload, source: str) -> events.LeaseSeen:
-    ipaddress.IPv4Address(p.ip)  # ValueError names the bad address
+def bad_input(source: str, message: str) -> None:
+    metrics.BAD_INPUT.labels(f"dhcp-hook-{source}").inc()
+    log.warning("rejected lease input from %s: %s", source, message)
+
+
+def guess_source(call: parse.HookCall | None) -> str:
+    """A bounded metric label for a payload that did not parse."""
+    if call is None or not call.argv:
+        return "unknown"
+    first = call.argv[0]
+    if first == "isc":
+        return "isc"
+    if first.startswith(("lease4_", "leases4_")):
+        return "kea"
+    return "dnsmasq" if first in parse.DNSMASQ_KINDS else "unknown"
+
+
+def to_event(c: LeaseChange) -> events.LeaseSeen:
     return events.LeaseSeen(
-        mac=p.mac,
-        ip=p.ip,
-        lease_kind=p.kind,
-        hostname=p.hostname,
-        expires=p.expires,
-        arch=p.arch,
-        user_class=p.user_class,
-        vendor_class=p.vendor_class,
-        source=source,
-        server_ts=p.server_ts,
+        id=parse.change_id(c),
+        ts=c.ts,
+        mac=c.mac,
+        ip=c.ip,
+        lease_kind=c.kind,
+        hostname=c.hostname,
+        expires=c.expires,
+        arch=c.arch,
+        user_class=c.user_class,
+        vendor_class=c.vendor_class,
+        source=c.source,
+        server_ts=c.server_ts,
     )
 
 
-async def record(ctx: ServiceContext, event: events.LeaseSeen) -> None:
-    await bus.publish(ctx.js, event)
-    assert event.mac is not None
-    lease = records.Lease(
-        mac=event.mac,
-        ip=event.ip,
-        hostname=event.hostname,
-        expires=event.expires,
-        arch=event.arch,
-        user_class=event.user_class,
-        server_ts=event.server_ts,
-        seen=event.ts,
+def is_retransmit(current: records.Lease | None, c: LeaseChange) -> bool:
+    """A client that does not hear the ACK repeats its REQUEST (seen with Kea: the same xid
+    committed again a second later, with a new CLTT). The same grant of the same address within
+    RETRANSMIT_SECONDS is that, not a new lease change: the map takes it, the stream does not.
+    Retransmits within one second already share an event id (parse.change_id)."""
+    return (
+        current is not None
+        and c.kind in ("new", "renew")
+        and (current.kind, current.ip) == (c.kind, c.ip)
+        and current.server_ts is not None
+        and 0 < c.server_ts - current.server_ts <= RETRANSMIT_SECONDS
     )
-    kv = ctx.kv[subjects.KV_LEASES]
-    await kv.put(subjects.mac_token(event.mac), msgspec.json.encode(lease))
-    await kv.put(subjects.ip_key(event.ip), subjects.mac_token(event.mac).encode())
+
+
+def _lease_key(lease: records.Lease) -> tuple[float, float]:
+    return (lease.server_ts or 0.0, lease.seen)
+
+
+class Recorder:
+    """Publishes each change once and keeps the lease map ordered by the DHCP server's clock."""
+
+    def __init__(self, js: JetStreamContext, kv: KeyValue) -> None:
+        self.js = js
+        self.kv = kv
+        # One change at a time in this process; compare-and-set guards against other instances.
+        self.lock = asyncio.Lock()
+
+    async def _get(self, key: str) -> tuple[records.Lease | None, int | None]:
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return None, None
+        if not entry.value:
+            return None, entry.revision
+        try:
+            return msgspec.json.decode(entry.value, type=records.Lease), entry.revision
+        except msgspec.DecodeError:
+            log.error("lease map key %s holds an undecodable value: replacing it", key)
+            return None, entry.revision
+
+    async def _mac_of_ip(self, ip: str) -> tuple[str | None, int | None]:
+        try:
+            entry = await self.kv.get(subjects.ip_key(ip))
+        except KeyNotFoundError:
+            return None, None
+        return (entry.value.decode() if entry.value else None), entry.revision
+
+    async def record(self, c: LeaseChange) -> str:
+        """Publish and apply one change; returns the event id. Raises when NATS is unavailable."""
+        async with self.lock:
+            return await self._record(c)
+
+    async def _record(self, c: LeaseChange) -> str:
+        event = to_event(c)
+        token = subjects.mac_token(c.mac)
+        current, revision = await self._get(token)
+        if current is not None and (
+            (current.server_ts, current.seen, current.ip, current.kind)
+            == (c.server_ts, c.ts, c.ip, c.kind)
+        ):
+            # Already applied (a spool copy re-delivered after the dedupe window): nothing to do.
+            return event.id
+        if is_retransmit(current, c):
+            RETRANSMITS.labels(c.source).inc()
+            log.debug("%s %s for %s: retransmit, not published", c.source, c.kind, c.mac)
+        else:
+            await bus.publish(self.js, event, attempts=PUBLISH_ATTEMPTS)
+            LEASE_TO_EVENT.observe(max(0.0, time.time() - c.ts))
+            LEASE_CHANGES.labels(c.source, c.kind).inc()
+        for _ in range(10):  # compare-and-set retries against a concurrent writer
+            if current is not None and parse.order_key(c) < _lease_key(current):
+                STALE.labels(c.source).inc()
+                log.info(
+                    "%s %s for %s is older than the lease map's: not applied",
+                    c.source,
+                    c.kind,
+                    c.mac,
+                )
+                return event.id
+            lease = records.Lease(
+                mac=c.mac,
+                ip=c.ip,
+                hostname=c.hostname,
+                expires=c.expires,
+                arch=c.arch,
+                user_class=c.user_class,
+                server_ts=c.server_ts,
+                seen=c.ts,
+                kind=c.kind,
+            )
+            value = msgspec.json.encode(lease)
+            try:
+                if revision is None:
+                    await self.kv.create(token, value)
+                else:
+                    await self.kv.update(token, value, last=revision)
+            except KeyWrongLastSequenceError:
+                current, revision = await self._get(token)
+                continue
+            await self._update_ip_index(c, token, current)
+            return event.id
+        raise RuntimeError(f"lease map key {token} keeps changing under us")
+
+    async def _update_ip_index(
+        self, c: LeaseChange, token: str, previous: records.Lease | None
+    ) -> None:
+        if previous is not None and previous.ip != c.ip:
+            await self._drop_ip(previous.ip, token)
+        if c.kind in ("release", "expire"):
+            await self._drop_ip(c.ip, token)
+            return
+        owner, _ = await self._mac_of_ip(c.ip)
+        if owner is not None and owner != token:
+            # The address moved between machines: only the newer lease may claim it.
+            other, _ = await self._get(owner)
+            if (
+                other is not None
+                and other.ip == c.ip
+                and other.kind in ("new", "renew")
+                and _lease_key(other) > parse.order_key(c)
+            ):
+                return
+        await self.kv.put(subjects.ip_key(c.ip), token.encode())
+
+    async def _drop_ip(self, ip: str, token: str) -> None:
+        owner, revision = await self._mac_of_ip(ip)
+        if owner == token and revision is not None:
+            with contextlib.suppress(KeyWrongLastSequenceError):
+                await self.kv.delete(subjects.ip_key(ip), last=revision)
+
+
+class HookInbox(asyncio.DatagramProtocol):
+    """Datagrams from the hook command, queued for one worker (the hook never waits for us)."""
+
+    def __init__(self, queue: asyncio.Queue[bytes]) -> None:
+        self.queue = queue
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            # Lost here, but only under a flood far above any DHCP server's rate; counted.
+            bad_input("socket", "inbox full: dropped a datagram")
+
+
+class DhcpHookService:
+    def __init__(self, cfg: Config, recorder: Recorder) -> None:
+        self.recorder = recorder
+        state = cfg.state_path
+        self.socket_path = Path(cfg.dhcp_hook.socket or state / "dhcp-hook.sock")
+        self.spool_dir = Path(cfg.dhcp_hook.spool_dir or state / "spool")
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10000)
+        self.drain_now = asyncio.Event()
+
+    async def handle_payload(self, payload: bytes) -> bool:
+        """Parse and record one hook payload. False: NATS is unavailable, keep the payload."""
+        call: parse.HookCall | None = None
+        try:
+            call = parse.decode_hook_payload(payload)
+            changes = parse.parse_hook(call.argv, call.env, call.ts)
+        except BadLease as e:
+            bad_input(guess_source(call), str(e))
+            return True
+        for change in changes:
+            try:
+                await self.recorder.record(change)
+            except Exception as e:
+                log.warning(
+                    "cannot record %s %s of %s now (%s): will retry from the spool",
+                    change.source,
+                    change.kind,
+                    change.mac,
+                    e,
+                )
+                return False
+        return True
+
+    async def worker(self) -> None:
+        while True:
+            payload = await self.queue.get()
+            if not await self.handle_payload(payload):
+                # Same file format and naming as the hook's spool: drained in order later.
+                call_ts = time.time()
+                with contextlib.suppress(BadLease):
+                    call_ts = parse.decode_hook_payload(payload).ts
+                await asyncio.to_thread(hook.spool, payload, str(self.spool_dir), call_ts)
+                SPOOLED.inc()
+
+    def _spool_files(self) -> list[Path]:
+        try:
+            return sorted(self.spool_dir.glob("*" + hook.SPOOL_SUFFIX))
+        except OSError:
+            return []
+
+    async def drain(self) -> int:
+        """Deliver spooled payloads oldest first; stop at the first that NATS cannot take."""
+        done = 0
+        for path in await asyncio.to_thread(self._spool_files):
+            try:
+                payload = await asyncio.to_thread(path.read_bytes)
+            except FileNotFoundError:
+                continue  # another instance took it
+            if not await self.handle_payload(payload):
+                break
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            DRAINED.inc()
+            done += 1
+        if done:
+            log.info("delivered %d spooled lease payloads", done)
+        return done
+
+    async def drain_loop(self) -> None:
+        while True:
+            try:
+                await self.drain()
+            except Exception:
+                log.exception("spool drain failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.drain_now.wait(), DRAIN_INTERVAL_SECONDS)
+            self.drain_now.clear()
+
+    def open_socket(self) -> socket.socket:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o770)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()  # left by a previous run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(self.socket_path))
+        # The DHCP server's user writes here: owner and group only (add it to our group).
+        os.chmod(self.socket_path, 0o660)
+        # Room for bursts: the hook must never find the queue full while we are alive.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        sock.setblocking(False)
+        return sock
 
 
 async def setup(ctx: ServiceContext, app: FastAPI) -> None:
     token = security.read_or_create_secret(ctx.cfg.api_token_path())
+    recorder = Recorder(ctx.js, ctx.kv[subjects.KV_LEASES])
+    svc = DhcpHookService(ctx.cfg, recorder)
+    sock = svc.open_socket()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(lambda: HookInbox(svc.queue), sock=sock)
+    ctx.spawn(svc.worker(), "worker")
+    ctx.spawn(svc.drain_loop(), "drain")
+    log.info("dhcp-hook: socket %s, spool %s", svc.socket_path, svc.spool_dir)
+
+    async def close() -> None:
+        transport.close()
+        with contextlib.suppress(FileNotFoundError):
+            svc.socket_path.unlink()
+
+    ctx.cleanups.append(close)
 
     @app.post("/leases")
     async def post_lease(request: Request) -> Response:
         if not security.check_api_token(token, request.headers.get("authorization")):
-            metrics.BAD_INPUT.labels("dhcp-hook-http").inc()
+            bad_input("http", "missing or wrong API token")
             return Response('{"error":"missing or wrong API token"}', 401)
+        now = time.time()
         try:
-            payload = msgspec.json.decode(await request.body(), type=LeasePayload)
-            event = to_event(payload, "http")
-        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
-            metrics.BAD_INPUT.labels("dhcp-hook-http").inc()
-            log.warning("rejected lease payload: %s", e)
+            p = msgspec.json.decode(await request.body(), type=LeasePayload)
+            change = parse.from_fields(
+                mac=p.mac,
+                ip=p.ip,
+                kind=p.kind,
+                now=now,
+                hostname=p.hostname,
+                expires=p.expires,
+                arch=p.arch,
+                user_class=p.user_class,
+                vendor_class=p.vendor_class,
+                server_ts=p.server_ts,
+            )
+        except (msgspec.ValidationError, msgspec.DecodeError, BadLease) as e:
+            bad_input("http", str(e))
             return Response(msgspec.json.encode({"error": str(e)}), 400)
-        await record(ctx, event)
-        return Response(msgspec.json.encode({"id": event.id}), 202)
+        try:
+            event_id = await recorder.record(change)
+        except Exception as e:
+            log.warning("cannot record HTTP lease for %s: %s", change.mac, e)
+            return Response('{"error":"event bus unavailable, retry"}', 503)
+        return Response(msgspec.json.encode({"id": event_id}), 202)
 
 
 def main(cfg: Config) -> int:

@@ -1,0 +1,347 @@
+"""bench/storm: a whole room powering on at once, against nixboot and against the classic stack
+(tftpd-hpa + nginx + a `nix copy` zstd cache), side by side in one run.
+
+    .venv/bin/python bench/storm [--n 10,50,100,200] [--generations 1,5] [--real-nix 2]
+                                 [--json storm.json]
+
+Each simulated machine has its own MAC and boot id: a lease through the real hook command (it runs
+beside the boot, as dnsmasq runs it), the boot program and its per-MAC menu over TFTP, kernel and
+initrd over HTTP, then the closure as Nix fetches it (narinfos 25 in flight, then NARs 16 at a
+time), and its stage reports. A few machines run the real `nix-store -r` instead of the simulation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import machine
+import msgspec
+import nats
+from classic import ClassicStack
+from machine import BootResult, Target
+from nixboot_stack import NixbootStack
+
+from nixboot_shared import events, menu, records, subjects
+
+REPO = Path(__file__).resolve().parents[2]
+NIX_ENV = {**os.environ, "NIX_CONFIG": "substituters =\nexperimental-features = nix-command flakes"}
+
+
+def mac_of(i: int) -> str:
+    return f"52:54:{(i >> 24) & 255:02x}:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}"
+
+
+def prepare_flake(root: Path, configs: int, payload_kib: int) -> Path:
+    flake = root / "flake"
+    subprocess.run(["sh", str(REPO / "deploy/demo-flake/prepare.sh"), str(flake)], check=True)
+    knobs = (flake / "knobs.nix").read_text()
+    (flake / "knobs.nix").write_text(
+        knobs.replace("payloadKiB = 64;", f"payloadKiB = {payload_kib};")
+    )
+    rooms = " ".join(f'nixosConfigurations.room{i} = mkSystem "room{i}";' for i in range(configs))
+    (flake / "flake.nix").write_text(
+        "{ outputs = { self }: let knobs = import ./knobs.nix;\n"
+        "  mkSystem = hostName: import ./system.nix { inherit hostName knobs; };\n"
+        f"  in {{ {rooms} }}; }}\n"
+    )
+    return flake
+
+
+async def wait_generations(
+    stack: NixbootStack, macs: list[str], timeout: float
+) -> dict[str, records.Generation]:
+    nc = await nats.connect(stack.nats_url)
+    kv = await nc.jetstream().key_value(subjects.KV_GENERATIONS)
+    deadline = time.monotonic() + timeout
+    found: dict[str, records.Generation] = {}
+    try:
+        while time.monotonic() < deadline:
+            for mac in macs:
+                if mac in found:
+                    continue
+                try:
+                    entry = await kv.get(subjects.mac_token(mac))
+                except Exception:
+                    continue
+                mg = msgspec.json.decode(entry.value or b"", type=records.MachineGenerations)
+                default = mg.default()
+                if default is not None:
+                    found[mac] = default
+            if len(found) == len(macs):
+                return found
+            await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
+    raise RuntimeError(
+        f"generations missing for {len(macs) - len(found)} machines after {timeout} s"
+    )
+
+
+def render_classic_menus(classic: ClassicStack, gens: dict[str, records.Generation]) -> None:
+    """The classic stack's menus are files rendered in advance (same text as nixboot's)."""
+    for mac, gen in gens.items():
+        spec = menu.MenuSpec(
+            mac=mac,
+            title="classic",
+            generations=records.MachineGenerations(mac=mac, generations=[gen]),
+            params=menu.BootParams(
+                cache_url=classic.url, public_key="", boot_id="static", boot_token=""
+            ),
+            timeout_seconds=0,
+        )
+        name = classic.tftp_root / "pxelinux.cfg" / f"01-{mac.replace(':', '-')}"
+        name.write_text(menu.render_pxelinux(spec, classic.url + "/"))
+        for which, path in (("kernel", gen.kernel), ("initrd", gen.initrd)):
+            classic.add_boot_file(menu.boot_file_path(gen, which), Path(path))
+
+
+async def real_nix_boot(cache: str, key: str, toplevel: str, root: Path) -> BootResult:
+    """A real `nix-store -r` into a fresh root: keeps the simulation honest."""
+    result = BootResult("real-nix")
+    env = {**NIX_ENV, "XDG_CACHE_HOME": str(root / "xdg")}
+    t = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        "nix-store",
+        "--store",
+        f"local?root={root}",
+        "-r",
+        toplevel,
+        "-j16",
+        "--option",
+        "substituters",
+        cache,
+        "--option",
+        "trusted-public-keys",
+        key,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    result.stages["closure"] = time.perf_counter() - t
+    result.ok = proc.returncode == 0
+    result.error = "" if result.ok else err.decode()[-300:]
+    return result
+
+
+async def storm(
+    target: Target,
+    cache: str,
+    macs: list[str],
+    gens: dict[str, records.Generation],
+    hook_argv: list[str] | None,
+    real_nix: int,
+    key: str,
+    scratch: Path,
+) -> tuple[float, list[BootResult]]:
+    hook_queue: asyncio.Queue[str] = asyncio.Queue()
+
+    async def hook_worker() -> None:
+        # dnsmasq runs its script one call at a time, beside the boot, not before it.
+        while True:
+            mac = await hook_queue.get()
+            i = macs.index(mac)
+            env = {
+                "DNSMASQ_VENDOR_CLASS": "PXEClient:Arch:00000:UNDI:002001",
+                "DNSMASQ_USER_CLASS0": "iPXE",
+                "PATH": os.environ["PATH"],
+            }
+            assert hook_argv is not None
+            p = await asyncio.create_subprocess_exec(
+                *hook_argv,
+                "add",
+                mac,
+                f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{(i & 255) + 1}",
+                env=env,
+            )
+            await p.wait()
+            hook_queue.task_done()
+
+    async def announce(mac: str) -> None:
+        hook_queue.put_nowait(mac)
+
+    worker = asyncio.create_task(hook_worker()) if hook_argv else None
+    t0 = time.perf_counter()
+    jobs = []
+    for i, mac in enumerate(macs):
+        if i < real_nix:
+            root = scratch / f"root-{target.name}-{i}"
+            shutil.rmtree(root, ignore_errors=True)
+            jobs.append(real_nix_boot(cache, key, gens[mac].toplevel, root))
+        else:
+            jobs.append(machine.boot(target, mac, cache, announce if hook_argv else None))
+    results = await asyncio.gather(*jobs)
+    wall = time.perf_counter() - t0
+    if worker is not None:
+        await hook_queue.join()
+        worker.cancel()
+    return wall, list(results)
+
+
+def p(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def lease_to_warm_ms(stack: NixbootStack, since: float) -> list[float]:
+    """From the event stream: each warm-started against the lease that caused it (same MAC)."""
+    nc = await nats.connect(stack.nats_url)
+    js = nc.jetstream()
+    leases: dict[str, float] = {}
+    out: list[float] = []
+    sub = await js.subscribe(
+        subjects.EVENTS_SUBJECTS,
+        ordered_consumer=True,
+        config=nats.js.api.ConsumerConfig(
+            deliver_policy=nats.js.api.DeliverPolicy.BY_START_TIME,
+            opt_start_time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since)) + "Z",
+        ),
+    )
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except nats.errors.TimeoutError:
+                break
+            e = events.decode(msg.data)
+            if isinstance(e, events.LeaseSeen) and e.mac:
+                leases.setdefault(e.mac, e.ts)
+            elif isinstance(e, events.WarmStarted) and e.mac and e.mac in leases:
+                out.append((e.ts - leases[e.mac]) * 1000)
+    finally:
+        await nc.close()
+    return out
+
+
+def summarize(
+    label: str, n: int, gens: int, mode: str, wall: float, results: list[BootResult]
+) -> dict[str, object]:
+    ok = [r for r in results if r.ok]
+    stages = sorted({s for r in results for s in r.stages})
+    return {
+        "stack": label,
+        "n": n,
+        "generations": gens,
+        "mode": mode,
+        "wall_s": round(wall, 3),
+        "per_machine_ms": round(wall / n * 1000, 2),
+        "booted": len(ok),
+        "failed": n - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:3],
+        "p99_ms": {
+            s: round(p([r.stages[s] for r in ok if s in r.stages], 0.99) * 1000, 1) for s in stages
+        },
+    }
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", default="10,50,100,200")
+    ap.add_argument("--generations", default="1,5")
+    ap.add_argument("--real-nix", type=int, default=2)
+    ap.add_argument("--payload-kib", type=int, default=512)
+    ap.add_argument("--json", default="storm.json")
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.n.split(",")]
+    gen_counts = [int(x) for x in args.generations.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="nixboot-storm-"))
+    max_n, max_g = max(sizes), max(gen_counts)
+    macs = [mac_of(i + 1) for i in range(max_n)]
+    print(f"storm: preparing flake with {max_g} configurations in {root}", flush=True)
+    flake = prepare_flake(root, max_g, args.payload_kib)
+    # The first max_n machines cycle through the configurations; runs with g=1 use only room0's.
+    assign = {mac: f"room{i % max_g}" for i, mac in enumerate(macs)}
+    stack = NixbootStack(root / "nixboot", flake, list(assign.items()))
+    classic = ClassicStack(root / "classic")
+    rows: list[dict[str, object]] = []
+    try:
+        (root / "nixboot").mkdir()
+        stack.start()
+        print("storm: builder is building the generations …", flush=True)
+        gens = await wait_generations(stack, macs, timeout=900)
+        classic.prepare()
+        for toplevel in sorted({g.toplevel for g in gens.values()}):
+            classic.publish_closure(toplevel, NIX_ENV)
+        render_classic_menus(classic, gens)
+        shutil.copy("/usr/lib/PXELINUX/lpxelinux.0", classic.tftp_root / "lpxelinux.0")
+        classic.start()
+        key = stack.public_key()
+        targets = {
+            "nixboot": Target(
+                "nixboot", ("127.0.0.1", stack.ports["tftp-udp"]), "lpxelinux.0", True
+            ),
+            "classic": Target("classic", ("127.0.0.1", classic.tftp_port), "lpxelinux.0", False),
+        }
+        for g in gen_counts:
+            for n in sizes:
+                # g generations: machines of rooms 0..g-1 only.
+                chosen = [m for m in macs if int(assign[m][4:]) < g][:n]
+                if len(chosen) < n:
+                    continue
+                for mode in ("cold", "warm"):
+                    if mode == "cold":
+                        stack.restart_cache_cold()
+                    since = time.time()
+                    wall, res = await storm(
+                        targets["nixboot"],
+                        stack.cache_url,
+                        chosen,
+                        gens,
+                        stack.hook_argv(),
+                        args.real_nix,
+                        key,
+                        root,
+                    )
+                    row = summarize("nixboot", n, g, mode, wall, res)
+                    warm_ms = await lease_to_warm_ms(stack, since)
+                    row["lease_to_warm_p99_ms"] = round(p(warm_ms, 0.99), 2) if warm_ms else None
+                    rows.append(row)
+                    wall_c, res_c = await storm(
+                        targets["classic"], classic.url, chosen, gens, None, args.real_nix, "", root
+                    )
+                    rows.append(summarize("classic", n, g, mode, wall_c, res_c))
+                    ratio = wall / wall_c if wall_c else float("nan")
+                    print(
+                        f"N={n:4d} gens={g} {mode:4s}  nixboot {wall:7.2f}s "
+                        f"({len(res) - sum(r.ok for r in res)} failed)  classic {wall_c:7.2f}s  "
+                        f"ratio {ratio:.2f}",
+                        flush=True,
+                    )
+    finally:
+        classic.stop()
+        stack.stop()
+    print()
+    print(
+        f"{'stack':8} {'N':>4} {'gens':>4} {'mode':5} {'wall s':>8} {'ms/machine':>10} "
+        f"{'failed':>6}  p99 per stage (ms)"
+    )
+    for r in rows:
+        print(
+            f"{r['stack']:8} {r['n']:>4} {r['generations']:>4} {r['mode']:5} {r['wall_s']:>8} "
+            f"{r['per_machine_ms']:>10} {r['failed']:>6}  {r['p99_ms']}"
+            + (
+                f"  lease→warm p99 {r['lease_to_warm_p99_ms']} ms"
+                if r.get("lease_to_warm_p99_ms")
+                else ""
+            )
+        )
+    Path(args.json).write_text(json.dumps(rows, indent=2))
+    print(f"\nwrote {args.json}; work dir {root}")
+    return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
