@@ -2,7 +2,8 @@
 
 ``RealStack`` runs a nats-server with JetStream and the four services (``python -m nixboot serve
 <svc>``, one TOML config) in the namespace, and dnsmasq as the lab's DHCP server whose lease script
-hands every lease to the dhcp-hook service. The builder builds generations from a git copy of the
+hands every lease to the dhcp-hook service (deploy/dhcp: the shipped dnsmasq config and hook
+wrapper, placeholders filled). The builder builds generations from a git copy of the
 test flake; the cache serves kernels, initrds, iPXE menus and the closure from the store and takes
 stage reports; the tftp service serves lpxelinux and per-MAC menus. The tests drive it the way an
 operator does (``nixboot build``, ``nixboot pin --once`` in the namespace) and read what happened
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nixboot_dhcp_hook.hook
 from tests.e2e import closure
 from tests.e2e.initrd import TestBootFiles
 from tests.e2e.lab import SERVER_IP, Lab
@@ -34,19 +36,8 @@ DHCP_HOOK_PORT = 8082
 TFTP_HTTP_PORT = 8083
 MACHINE_NAME = "vm1"
 
-# dnsmasq's lease script: the hook command of the dhcp-hook service is not on main yet, so this
-# test-only script hands each lease to the service's HTTP endpoint (POST /leases) instead. Kinds
-# follow dnsmasq's actions: add -> new, old -> renew, del -> release.
-LEASE_SCRIPT = """#!/bin/sh
-case "$1" in add) kind=new ;; old) kind=renew ;; del) kind=release ;; *) exit 0 ;; esac
-host=null
-[ -n "$4" ] && host="\\"$4\\""
-curl -sS -m 5 -o /dev/null -X POST -H "Authorization: Bearer $(cat {token})" \\
-  -H 'Content-Type: application/json' \\
-  -d "{{\\"mac\\":\\"$2\\",\\"ip\\":\\"$3\\",\\"hostname\\":$host,\\"kind\\":\\"$kind\\"}}" \\
-  http://127.0.0.1:{port}/leases >>{log} 2>&1
-exit 0
-"""
+HOOK_TEMPLATE = REPO / "deploy" / "dhcp" / "nixboot-dhcp-hook.sh"
+SYSTEM_PYTHON = "/usr/bin/python3"  # what a DHCP server's host runs the hook with
 
 
 @dataclass(frozen=True)
@@ -106,19 +97,32 @@ class RealStack:
             # the cache first: it writes the signing key the tftp service puts in its menus
             self.lab.wait_listening(port, timeout=60)
         self.lab.wait_listening(69, "u")
-        hook = self.work / "lease-hook.sh"
-        hook.write_text(
-            LEASE_SCRIPT.format(
-                token=self.state / "api-token", port=DHCP_HOOK_PORT, log=self.work / "hook.log"
-            )
-        )
-        hook.chmod(0o755)
-        self.hook = hook
-        self.lab.start_dnsmasq(self.url + "/boot.ipxe", hook=hook)
+        sock = self.state / "dhcp-hook.sock"  # where the hook command delivers leases
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the dhcp-hook service did not create {sock}")
+            time.sleep(0.05)
+        self.hook = self._render_hook()
+        self.lab.start_dnsmasq(self.url, self.hook)
 
     def restart_dhcp(self, pxelinux: bool) -> None:
         self.lab.stop_dnsmasq()
-        self.lab.start_dnsmasq(self.url + "/boot.ipxe", pxelinux=pxelinux, hook=self.hook)
+        self.lab.start_dnsmasq(self.url, self.hook, pxelinux=pxelinux)
+
+    def _render_hook(self) -> Path:
+        """deploy/dhcp/nixboot-dhcp-hook.sh, filled in as an install would."""
+        text = HOOK_TEMPLATE.read_text()
+        for key, value in {
+            "PYTHON": SYSTEM_PYTHON,
+            "HOOK_PY": nixboot_dhcp_hook.hook.__file__,
+            "STATE_DIR": str(self.state),
+        }.items():
+            text = text.replace(f"@{key}@", value)
+        hook = self.work / "nixboot-dhcp-hook"
+        hook.write_text(text)
+        hook.chmod(0o755)
+        return hook
 
     def _write_config(self) -> None:
         self.config.write_text(
