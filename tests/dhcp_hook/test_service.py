@@ -200,3 +200,34 @@ async def test_repeated_grant_within_seconds_is_a_retransmit(
     stored = await bus_reader.lease(mac)
     assert stored is not None and stored.server_ts == 110.0
     assert hook_service.metric("nixboot_dhcp_retransmits_total", source="http") >= 2
+
+
+async def test_nats_down_service_spools_and_delivers_after_reconnect(tmp_path: Path) -> None:
+    import nats as nats_client
+
+    from tests.conftest import NatsServer
+
+    own_nats = NatsServer(tmp_path / "js")  # our own: this test stops it
+    own_nats.start()
+    svc = HookService(own_nats.url, tmp_path / "state")
+    svc.state.mkdir()
+    svc.start()
+    try:
+        hook = svc.wrapper(tmp_path)
+        mac = random_mac()
+        own_nats.stop()
+        code, seconds, _ = run_hook(hook, ["add", mac, "10.9.6.6"], PXE_ENV)
+        assert code == 0 and seconds < 1.0  # the hook only talks to the service
+        wait_for(lambda: bool(list(svc.spool.glob("*.lease"))), 15, "service spools the lease")
+        assert svc.metric("nixboot_dhcp_spooled_total") == 1
+        own_nats.start()
+        nc = await nats_client.connect(own_nats.url)
+        try:
+            got = await Bus(nc).lease_events(mac, 1, timeout=20)
+        finally:
+            await nc.close()
+        assert [(e.lease_kind, e.ip) for e in got] == [("new", "10.9.6.6")]
+        wait_for(lambda: not list(svc.spool.glob("*.lease")), 10, "spool drained")
+    finally:
+        svc.stop()
+        own_nats.stop()

@@ -34,6 +34,7 @@ DRAIN_INTERVAL_SECONDS = 2.0
 # Publish attempts before a change goes (back) to the spool: short, the spool retries for ever.
 PUBLISH_ATTEMPTS = 3
 RETRANSMIT_SECONDS = 3.0
+MAX_CONCURRENT = 64  # lease payloads in flight (distinct MACs proceed in parallel)
 
 LEASE_CHANGES = Counter("nixboot_dhcp_lease_changes", "Lease changes recorded", ["source", "kind"])
 STALE = Counter(
@@ -129,8 +130,9 @@ class Recorder:
     def __init__(self, js: JetStreamContext, kv: KeyValue) -> None:
         self.js = js
         self.kv = kv
-        # One change at a time in this process; compare-and-set guards against other instances.
-        self.lock = asyncio.Lock()
+        # One change at a time per MAC in this process (asyncio locks wake waiters in FIFO order,
+        # so arrival order is kept); compare-and-set guards against other instances.
+        self.locks: dict[str, asyncio.Lock] = {}
 
     async def _get(self, key: str) -> tuple[records.Lease | None, int | None]:
         try:
@@ -154,8 +156,13 @@ class Recorder:
 
     async def record(self, c: LeaseChange) -> str:
         """Publish and apply one change; returns the event id. Raises when NATS is unavailable."""
-        async with self.lock:
-            return await self._record(c)
+        lock = self.locks.setdefault(c.mac, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._record(c)
+        finally:
+            if not lock.locked() and self.locks.get(c.mac) is lock:
+                del self.locks[c.mac]  # nobody waits: keep the dict as small as the work
 
     async def _record(self, c: LeaseChange) -> str:
         event = to_event(c)
@@ -283,15 +290,34 @@ class DhcpHookService:
         return True
 
     async def worker(self) -> None:
+        """Take datagrams in arrival order; handle different MACs concurrently (the Recorder keeps
+        one MAC's changes in order), so one slow KV round trip does not delay every lease."""
+        slots = asyncio.Semaphore(MAX_CONCURRENT)
+        pending: set[asyncio.Task[None]] = set()
         while True:
             payload = await self.queue.get()
-            if not await self.handle_payload(payload):
-                # Same file format and naming as the hook's spool: drained in order later.
-                call_ts = time.time()
-                with contextlib.suppress(BadLease):
-                    call_ts = parse.decode_hook_payload(payload).ts
-                await asyncio.to_thread(hook.spool, payload, str(self.spool_dir), call_ts)
-                SPOOLED.inc()
+            await slots.acquire()
+            task = asyncio.ensure_future(self._handle_or_spool(payload))
+            pending.add(task)
+
+            def done(t: asyncio.Task[None]) -> None:
+                pending.discard(t)
+                slots.release()
+
+            task.add_done_callback(done)
+
+    async def _handle_or_spool(self, payload: bytes) -> None:
+        try:
+            if await self.handle_payload(payload):
+                return
+        except Exception:
+            log.exception("lease payload failed: spooling it")
+        # Same file format and naming as the hook's spool: drained in order later.
+        call_ts = time.time()
+        with contextlib.suppress(BadLease):
+            call_ts = parse.decode_hook_payload(payload).ts
+        await asyncio.to_thread(hook.spool, payload, str(self.spool_dir), call_ts)
+        SPOOLED.inc()
 
     def _spool_files(self) -> list[Path]:
         try:
