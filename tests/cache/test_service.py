@@ -174,6 +174,45 @@ async def test_lease_warms_once_and_serves_boot(
         await s.unsubscribe()  # type: ignore[attr-defined]
 
 
+async def test_ipxe_menu_spends_the_one_shot_pin_it_makes_default(
+    nixfx: NixFixture, cache_server: CacheServer, nc: Client
+) -> None:
+    """The one rule (nixboot_shared.pins): the pin is spent when a menu that makes it the
+    default is served, whatever the boot does next; HEAD serves no menu and spends nothing."""
+    js = nc.jetstream()
+    kv = (await bus.bootstrap(js))[subjects.KV_GENERATIONS]
+    await put_generations(nc, nixfx)
+
+    async def next_boot() -> int | None:
+        e = await kv.get(subjects.mac_token(MAC))
+        assert e.value is not None
+        return msgspec.json.decode(e.value, type=MachineGenerations).next_boot
+
+    async def menu_default(http: httpx.AsyncClient) -> str:
+        r = await http.get(f"/ipxe/{MAC}")
+        assert r.status_code == 200
+        return r.text.split("choose --default ")[1].split()[0]
+
+    async with httpx.AsyncClient(base_url=cache_server.url) as http:
+        for _ in range(100):  # until the service's KV watch has the generations
+            if await menu_default(http) == "gen-2":
+                break
+            await asyncio.sleep(0.05)
+        entry = await kv.get(subjects.mac_token(MAC))
+        assert entry.value is not None
+        rec = msgspec.json.decode(entry.value, type=MachineGenerations)
+        rec.next_boot = 1
+        await kv.put(subjects.mac_token(MAC), msgspec.json.encode(rec))
+        await asyncio.sleep(1.0)  # the watch delivers within milliseconds
+        r = await http.head(f"/ipxe/{MAC}")
+        assert r.status_code == 200
+        assert await next_boot() == 1  # HEAD served no menu: nothing spent
+        assert await menu_default(http) == "gen-1"
+        assert await next_boot() is None  # spent with the menu, before any report
+        assert await menu_default(http) == "gen-2"
+    assert cache_server.metric("nixboot_cache_one_shot_consumed_total") >= 1
+
+
 async def test_cold_nar_two_clients_and_truncation(
     nixfx: NixFixture, cache_server: CacheServer
 ) -> None:

@@ -1,4 +1,4 @@
-"""Generations for e2e boots, built by real Nix from the test flake (tests/e2e/flake).
+"""The test flake (tests/e2e/flake) for e2e boots, which nixboot's builder builds.
 
 The flake is copied to a work directory together with the boot files it wraps (Debian's kernel,
 the test initrd, static busybox, stage1.sh); ``generation.nix`` is the knob that changes one
@@ -11,10 +11,7 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
-
-from nixboot_shared.records import Generation
 
 HERE = Path(__file__).resolve().parent
 FLAKE_TEMPLATE = HERE / "flake"
@@ -40,25 +37,6 @@ def _nix(args: list[str], work: Path) -> str:
     return proc.stdout
 
 
-@dataclass(frozen=True)
-class BuiltGeneration:
-    toplevel: str
-    paths: dict[str, int]  # store path -> NAR size
-
-    def record(self, number: int) -> Generation:
-        """The KV record the menus render from (what the builder service writes)."""
-        top = Path(self.toplevel)
-        return Generation(
-            number=number,
-            toplevel=self.toplevel,
-            kernel=os.readlink(top / "kernel"),
-            initrd=os.readlink(top / "initrd"),
-            kernel_params=(top / "kernel-params").read_text().strip(),
-            init=f"{self.toplevel}/init",
-            closure_size=sum(self.paths.values()),
-        )
-
-
 def prepare_flake(work: Path, kernel: Path, initrd: Path, tag: str) -> Path:
     """A flake directory (the test's own copy) for one generation."""
     flake = work / "flake"
@@ -79,36 +57,7 @@ def prepare_flake(work: Path, kernel: Path, initrd: Path, tag: str) -> Path:
     return flake
 
 
-def build(work: Path, flake: Path) -> BuiltGeneration:
-    """Build the toplevel with real Nix; return it with its closure's NAR sizes."""
-    ref = f"path:{flake}#nixosConfigurations.{ATTR}.config.system.build.toplevel"
-    out = json.loads(
-        _nix(
-            ["nix", "build", "--json", "--out-link", str(work / f"result-{flake.name}"), ref], work
-        )
-    )
-    toplevel = out[0]["outputs"]["out"]
+def path_sizes(work: Path, toplevel: str) -> dict[str, int]:
+    """Store path -> NAR size of every path in ``toplevel``'s closure (what stage 1 fetches)."""
     info = json.loads(_nix(["nix", "path-info", "--json", "-r", toplevel], work))
-    return BuiltGeneration(toplevel=toplevel, paths={p["path"]: p["narSize"] for p in info})
-
-
-def publish(work: Path, toplevel: str, cache_dir: Path, secret_key: Path) -> None:
-    """Sign and copy a closure into a file:// binary cache (the interim cache, until the cache
-    service serves from the store itself)."""
-    _nix(
-        [
-            "nix",
-            "copy",
-            "--to",
-            f"file://{cache_dir}?compression=zstd&secret-key={secret_key}",
-            toplevel,
-        ],
-        work,
-    )
-
-
-def generate_key(work: Path, name: str = "nixboot-e2e-1") -> tuple[Path, str]:
-    sk, pk = work / "cache.sk", work / "cache.pk"
-    if not sk.exists():
-        _nix(["nix-store", "--generate-binary-cache-key", name, str(sk), str(pk)], work)
-    return sk, pk.read_text().strip()
+    return {p["path"]: p["narSize"] for p in info}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -20,8 +19,7 @@ from pathlib import Path
 SUBNET = "10.213.0"
 SERVER_IP = f"{SUBNET}.1"
 IPXE_ROM_DIR = Path("/usr/lib/ipxe/qemu")
-PXELINUX_DIR = Path("/usr/lib/PXELINUX")
-SYSLINUX_BIOS = Path("/usr/lib/syslinux/modules/bios")
+DNSMASQ_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "dhcp" / "dnsmasq.conf"
 
 
 def _ip(*args: str) -> None:
@@ -49,7 +47,6 @@ class Lab:
         self.bridge = "nbbr0"
         self.tap = f"nbtap{os.getpid() % 100000}"
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.tftp_root = work / "tftp"
         self.dhcp_log = work / "dnsmasq.log"
         self.dnsmasq: subprocess.Popen[bytes] | None = None
 
@@ -139,46 +136,40 @@ class Lab:
         raise TimeoutError(f"nothing listens on {proto} port {port} in {self.ns}")
 
     # ------------------------------------------------------------------ DHCP
-    def start_dnsmasq(
-        self, ipxe_url: str, pxelinux: bool = False, hook: Path | None = None, extra: str = ""
-    ) -> None:
-        """DHCP (and, for the pxelinux path, TFTP until the tftp service serves it)."""
-        conf = self.work / "dnsmasq.conf"
-        lines = [
-            f"interface={self.bridge}",
-            "bind-interfaces",
-            "except-interface=lo",
-            "port=0",
-            "no-resolv",
-            "no-hosts",
-            "dhcp-authoritative",
-            # no-ping: else ~3 s before the first offer
-            "no-ping",
-            f"dhcp-range={SUBNET}.100,{SUBNET}.200,255.255.255.0,1h",
-            f"dhcp-leasefile={self.work / 'dnsmasq.leases'}",
-            "log-dhcp",
-            f"log-facility={self.dhcp_log}",
-            "user=root",
-            "group=root",
-            "dhcp-userclass=set:ipxe,iPXE",
-            "dhcp-match=set:ipxe,175",
-            # tells iPXE not to wait ~2 s for ProxyDHCP offers
-            "dhcp-option=tag:ipxe,encap:175,176,1b",
-            "enable-ra",
-            f"dhcp-range=::,constructor:{self.bridge},ra-only",
-        ]
-        if hook is not None:
-            lines.append(f"dhcp-script={hook}")
+    def start_dnsmasq(self, cache_url: str, hook: Path, pxelinux: bool = False) -> None:
+        """The lab's DHCP server: nixboot's shipped dnsmasq config (deploy/dhcp/dnsmasq.conf)
+        with its placeholders filled, calling ``hook`` on every lease change. iPXE chains to the
+        cache's boot.ipxe; with ``pxelinux`` iPXE is handed lpxelinux.0 from the TFTP service
+        on the bridge instead (the pxelinux path)."""
+        text = DNSMASQ_TEMPLATE.read_text()
+        values = {
+            "IFACE": self.bridge,
+            "SERVER_IP": SERVER_IP,
+            "RANGE_START": f"{SUBNET}.100",
+            "RANGE_END": f"{SUBNET}.200",
+            "NETMASK": "255.255.255.0",
+            "CACHE_URL": cache_url.rstrip("/"),
+            "HOOK": str(hook),
+            "STATE": str(self.work),
+        }
+        for key, value in values.items():
+            text = text.replace(f"@{key}@", value)
+        left = re.findall(r"@[A-Z_]+@", text)
+        if left:
+            raise RuntimeError(f"{DNSMASQ_TEMPLATE}: placeholders not filled: {left}")
         if pxelinux:
-            lines += [
-                f"dhcp-boot=lpxelinux.0,,{SERVER_IP}",
-                "enable-tftp",
-                f"tftp-root={self.tftp_root}",
-            ]
-        else:
-            lines.append(f"dhcp-boot=tag:ipxe,{ipxe_url}")
-        conf.write_text("\n".join(lines) + "\n" + extra)
-        (self.work / "dnsmasq.leases").write_text("")
+            ipxe_line = f"dhcp-boot=tag:ipxe,{values['CACHE_URL']}/boot.ipxe"
+            if ipxe_line not in text:
+                raise RuntimeError(f"{DNSMASQ_TEMPLATE} has no line {ipxe_line!r} to replace")
+            text = text.replace(ipxe_line, f"dhcp-boot=tag:ipxe,lpxelinux.0,,{SERVER_IP}")
+        # test-only: a log file, root (the hook reads the state dir), no DNS files
+        text += f"log-dhcp\nlog-facility={self.dhcp_log}\nuser=root\ngroup=root\n"
+        text += "no-resolv\nno-hosts\nexcept-interface=lo\n"
+        conf = self.work / "dnsmasq.conf"
+        conf.write_text(text)
+        leases = self.work / "dnsmasq.leases"
+        if not leases.exists():  # a restarted DHCP server keeps its leases
+            leases.write_text("")
         self.dnsmasq = self.spawn(
             ["dnsmasq", "--keep-in-foreground", f"--conf-file={conf}"], self.work / "dnsmasq.out"
         )
@@ -190,14 +181,6 @@ class Lab:
             self.dnsmasq.wait(5)
             self.procs.remove(self.dnsmasq)
             self.dnsmasq = None
-
-    def prepare_tftp_root(self) -> Path:
-        self.tftp_root.mkdir(parents=True, exist_ok=True)
-        (self.tftp_root / "pxelinux.cfg").mkdir(exist_ok=True)
-        shutil.copyfile(PXELINUX_DIR / "lpxelinux.0", self.tftp_root / "lpxelinux.0")
-        for m in ("ldlinux.c32", "menu.c32", "libutil.c32"):
-            shutil.copyfile(SYSLINUX_BIOS / m, self.tftp_root / m)
-        return self.tftp_root
 
     # ------------------------------------------------------------------ VMs
     def boot(

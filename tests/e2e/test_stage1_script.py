@@ -84,6 +84,17 @@ def test_report_posts_the_contract_json(tmp_path: Path, server: str) -> None:
     }
 
 
+def test_mac_in_either_menu_form_is_read_as_sysfs_writes_it(tmp_path: Path, server: str) -> None:
+    """pxelinux menus (tftp) write the MAC with dashes, iPXE menus (cache) with colons."""
+    cmdline = (
+        f"nixboot.cache={server} nixboot.boot_id=b3 nixboot.token=t nixboot.mac=52-54-00-AB-00-01"
+    )
+    proc = _run(tmp_path, cmdline, "report", "stage1", "started")
+    assert proc.returncode == 0, proc.stderr
+    [(_, _, body)] = _Recorder.received
+    assert json.loads(body)["mac"] == "52:54:00:ab:00:01"
+
+
 def test_report_with_empty_detail_and_bad_numbers_is_still_json(
     tmp_path: Path, server: str
 ) -> None:

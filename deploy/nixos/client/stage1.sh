@@ -47,7 +47,9 @@ CACHE=${CACHE%/}
 KEY=$(param nixboot.key)
 BOOT_ID=$(param nixboot.boot_id)
 TOKEN=$(param nixboot.token)
-MAC=$(param nixboot.mac)
+# menus write the MAC as aa:bb:.. (iPXE, cache) or aa-bb-.. (pxelinux, tftp): compare it the way
+# sysfs writes it
+MAC=$(param nixboot.mac | tr 'A-F-' 'a-f:')
 GENERATION=$(param nixboot.generation)
 INIT=$(param init)
 DISK=$(param nixboot.disk "${NIXBOOT_DISK:-auto}")

@@ -66,10 +66,3 @@ def pin(record: MachineGenerations, number: int | None, once: bool) -> MachineGe
     else:
         out.pinned = number
     return out
-
-
-def consume_next_boot(record: MachineGenerations) -> MachineGenerations:
-    """After a boot, a one-shot pin is spent."""
-    return MachineGenerations(
-        mac=record.mac, generations=list(record.generations), pinned=record.pinned
-    )

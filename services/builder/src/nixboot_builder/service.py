@@ -1,5 +1,6 @@
-"""builder service: the machine registry, the build work queue consumer, flake polling, the HTTP
-API, and one-shot pins spent when a machine reports it booted."""
+"""builder service: the machine registry, the build work queue consumer, flake polling and the HTTP
+API. One-shot pins are set here and spent by the menu servers (tftp, cache) when a menu that makes
+them default is served: the rule lives in nixboot_shared.pins."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from nixboot_builder import api, demo, generations
+from nixboot_builder import api, demo
 from nixboot_builder.nix import Nix
 from nixboot_builder.poller import FlakePoller
 from nixboot_builder.store import Store
 from nixboot_builder.worker import Builder
-from nixboot_shared import bus, events, subjects
+from nixboot_shared import subjects
 from nixboot_shared.config import Config
 from nixboot_shared.records import Machine
 from nixboot_shared.security import read_or_create_secret
@@ -56,24 +57,8 @@ async def setup(ctx: ServiceContext, app: FastAPI) -> None:
         poller = FlakePoller(ctx.js, store, nix, flake, cfg.fallback_attr)
         ctx.spawn(poller.run(cfg.builder.poll_seconds), "poll")
 
-    async def on_stage(event: events.AnyEvent) -> None:
-        # A machine that booted has spent its one-shot pin.
-        if not isinstance(event, events.StageReported) or event.mac is None:
-            return
-        if event.stage != "booted" or event.status != "done":
-            return
-        key = subjects.mac_token(event.mac)
-        record = await store.generations(key)
-        if record is not None and record.next_boot is not None:
-            await store.update_generations(key, event.mac, generations.consume_next_boot)
-
-    stage_sub = await bus.subscribe_events(
-        ctx.js, on_stage, durable="builder-oneshot", filter_subject=f"{subjects.PREFIX}.evt.stage.>"
-    )
-
     async def leave_queues() -> None:
         await builder.stop()
-        await stage_sub.unsubscribe()
 
     ctx.cleanups.append(leave_queues)
 

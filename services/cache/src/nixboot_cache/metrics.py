@@ -20,3 +20,6 @@ WARM_SECONDS = Histogram(
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300),
 )
 FORGED_REPORTS = Counter("nixboot_cache_forged_reports", "Stage reports with a bad token")
+ONE_SHOT_CONSUMED = Counter(
+    "nixboot_cache_one_shot_consumed", "One-shot pins spent by an iPXE menu that made them default"
+)

@@ -6,7 +6,8 @@ Routes (all GET and HEAD unless noted):
   /nar/<narhash52>.nar.zst         compressed NAR (streamed while compressed when cold)
   /log/<drv>                       build log of a derivation
   /boot/<toplevel-hash>/kernel|initrd   with Range
-  /boot.ipxe, /ipxe/<mac>          iPXE chain script and per-MAC menu
+  /boot.ipxe, /ipxe/<mac>          iPXE chain script and per-MAC menu (a GET spends the
+                                   one-shot pin it makes default: nixboot_shared.pins)
   POST /report/<boot_id>           stage reports from booting machines (per-boot token)
 """
 
@@ -34,7 +35,7 @@ from nixboot_cache.narinfo import STORE_DIR, NarInfo
 from nixboot_cache.signing import SecretKey, load_or_create
 from nixboot_cache.store import DEFAULT_DB, PathInfo, StoreDb
 from nixboot_cache.warm import Publish, Warmer
-from nixboot_shared import bus, events, menu, security, subjects
+from nixboot_shared import bus, events, menu, pins, security, subjects
 from nixboot_shared.config import Config
 from nixboot_shared.records import Generation, MachineGenerations
 from nixboot_shared.service import ServiceContext, run
@@ -111,6 +112,7 @@ class CacheService:
             grace_seconds=cfg.cache.evict_grace_seconds,
         )
         self.publish_event: Publish = _no_publish
+        self.kv_generations: KeyValue | None = None  # set once NATS is up (one-shot pins)
         self.warmer = Warmer(self.store, self.nars, self._publish, parallel=cores)
         self.leases: KeyValue | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -168,6 +170,19 @@ class CacheService:
             # Rare: a URL published before a restart whose file was since evicted.
             path = self.store.path_by_nar_hash(nix32.decode(h, 32).hex())
         return None if path is None else self.store.by_path(path)
+
+    async def consume_once(self, token: str, mg: MachineGenerations, number: int) -> None:
+        """This menu made the one-shot pin default: it is spent (the rule in
+        nixboot_shared.pins). The local view forgets it at once, so a second menu served before
+        the KV watch catches up offers the usual default."""
+        self.gens.by_mac[token] = msgspec.structs.replace(mg, next_boot=None)
+        if self.kv_generations is None:
+            return
+        try:
+            if await pins.consume_next_boot(self.kv_generations, mg.mac, number):
+                metrics.ONE_SHOT_CONSUMED.inc()
+        except Exception as e:  # NATS down: the menu is served anyway; the pin may apply again
+            log.error("could not consume the one-shot pin of %s: %s", mg.mac, e)
 
     async def warm_for_mac(self, mac: str, kv: KeyValue, trigger: str) -> None:
         try:
@@ -357,6 +372,9 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
         )
         text = menu.render_ipxe(spec, svc.cfg.cache.public_url.rstrip("/") + "/")
         if request.method == "GET":
+            once = pins.once_made_default(mg)
+            if once is not None and mg is not None:
+                await svc.consume_once(token, mg, once)
             gens, default = menu.ordered_entries(spec)
             svc.publish_soon(
                 events.MenuServed(
@@ -441,6 +459,7 @@ def main(cfg: Config) -> int:
         add_routes(app, svc)
         kv = ctx.kv[subjects.KV_GENERATIONS]
         svc.leases = ctx.kv[subjects.KV_LEASES]
+        svc.kv_generations = kv
         ctx.spawn(_watch_generations(svc, kv), "generations-watch")
 
         async def on_event(event: events.AnyEvent) -> None:

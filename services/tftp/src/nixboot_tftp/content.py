@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nixboot_shared import security, subjects
+from nixboot_shared import pins, security, subjects
 from nixboot_shared.menu import BootParams, MenuSpec, ordered_entries, render_pxelinux
 from nixboot_shared.records import MachineGenerations
 from nixboot_tftp import metrics
@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 HTTP_CAPABLE = frozenset({"lpxelinux.0"})
 TFTP_ONLY = frozenset({"pxelinux.0"})
 _MAX_CLIENTS_REMEMBERED = 50_000
+# pxelinux reads its menu file twice in one boot: ldlinux.c32 fetches it, then menu.c32 (the
+# config's UI) fetches it again ~0.1 s later. A menu that spends a one-shot pin is answered again,
+# unchanged, to the same client within this window: otherwise the first transfer spends the pin
+# and the second, the one the machine boots from, shows the newest generation. A reboot takes far
+# longer than this.
+REREAD_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,10 @@ class TftpContent:
         # client ip -> whether its boot program fetches over HTTP (it fetched lpxelinux.0)
         self.http_clients: OrderedDict[str, bool] = OrderedDict()
         self.clock: Callable[[], float] = time.perf_counter
+        # (client ip, menu name) -> (rendered at, text, mac, info) of menus that spent a pin
+        self.recent: OrderedDict[tuple[str, str], tuple[float, bytes, str | None, MenuInfo]] = (
+            OrderedDict()
+        )
 
     def __call__(self, name: str, client_ip: str) -> Source | None:
         if name.startswith(MENU_DIR + "/"):
@@ -84,14 +94,26 @@ class TftpContent:
 
     # -- menus ----------------------------------------------------------------------------------
     def menu(self, rest: str, client_ip: str) -> Source:
+        started = self.clock()
+        key = (client_ip, rest)
+        hit = self.recent.get(key)
+        if hit is not None and started - hit[0] < REREAD_SECONDS:
+            return Source(memory_file(hit[1]), kind="menu", mac=hit[2], info=hit[3])
         wanted = parse_menu_name(rest)
         mac = self._machine_for(wanted, client_ip)
         if mac is None and wanted.by != "default":
             raise NotFound("no machine for this name")  # pxelinux goes on to the next name
-        started = self.clock()
         text, info = self.render(mac, http=self.http_clients.get(client_ip, False))
+        data = text.encode()
+        if info.once is not None:
+            self.recent[key] = (started, data, mac, info)
+            self.recent.move_to_end(key)
+        while self.recent and started - next(iter(self.recent.values()))[0] >= REREAD_SECONDS:
+            self.recent.popitem(last=False)
+        while len(self.recent) > _MAX_CLIENTS_REMEMBERED:
+            self.recent.popitem(last=False)
         metrics.RENDER_SECONDS.observe(self.clock() - started)
-        return Source(memory_file(text.encode()), kind="menu", mac=mac, info=info)
+        return Source(memory_file(data), kind="menu", mac=mac, info=info)
 
     def _machine_for(self, wanted: MenuName, client_ip: str) -> str | None:
         view = self.view
@@ -141,15 +163,7 @@ class TftpContent:
         file_base = s.cache_url.rstrip("/") + "/" if http else ""
         text = render_pxelinux(spec, file_base)
         ordered, default = ordered_entries(spec)
-        once = None
-        if (
-            not fallback
-            and gens is not None
-            and default is not None
-            and gens.next_boot is not None
-            and default.number == gens.next_boot
-        ):
-            once = gens.next_boot
+        once = None if fallback else pins.once_made_default(gens)
         info = MenuInfo(
             boot_id=boot_id,
             default_generation=default.number if default else None,

@@ -14,15 +14,13 @@ import logging
 import threading
 from pathlib import Path
 
-import msgspec
 from fastapi import FastAPI
 from nats.aio.msg import Msg
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from nixboot_shared import bus, events, security, subjects
+from nixboot_shared import bus, events, pins, security, subjects
 from nixboot_shared.config import Config
-from nixboot_shared.records import Lease, MachineGenerations
+from nixboot_shared.records import Lease
 from nixboot_shared.service import ServiceContext, run
 from nixboot_tftp import metrics
 from nixboot_tftp.bootprograms import prepare_root
@@ -64,26 +62,9 @@ async def watch_bucket(kv: KeyValue, bucket: str, view: LocalView, loaded: async
 
 
 async def clear_one_shot(kv: KeyValue, mac: str, number: int) -> None:
-    """Compare-and-set ``next_boot`` back to None, unless someone changed it meanwhile."""
-    key = subjects.mac_token(mac)
-    for _ in range(10):
-        try:
-            entry = await kv.get(key)
-        except NotFoundError:
-            return
-        if entry.value is None:
-            return
-        rec = msgspec.json.decode(entry.value, type=MachineGenerations)
-        if rec.next_boot != number:
-            return
-        rec.next_boot = None
-        try:
-            await kv.update(key, msgspec.json.encode(rec), last=entry.revision)
-            metrics.ONE_SHOT_CLEARED.inc()
-            return
-        except KeyWrongLastSequenceError:
-            continue  # changed under us: read again
-    log.error("could not clear the one-shot pin of %s after 10 attempts", mac)
+    """The menu that made the one-shot pin default was transferred: consume it (shared rule)."""
+    if await pins.consume_next_boot(kv, mac, number):
+        metrics.ONE_SHOT_CLEARED.inc()
 
 
 class TransferReporter:
