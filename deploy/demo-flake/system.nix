@@ -75,7 +75,8 @@ let
     ln -s ${sw} $out/sw
     printf '#!${bb}/bin/sh\nexport PATH=${sw}/bin\nexec demo-app\n' > $out/init
     chmod +x $out/init
-    echo "init=$out/init ${knobs.kernelParams}" > $out/kernel-params
+    # As in NixOS: the boot loader adds init=; kernel-params holds only the rest.
+    echo "${knobs.kernelParams}" > $out/kernel-params
     echo "24.05-demo" > $out/nixos-version
     echo "${system}" > $out/system
   '';

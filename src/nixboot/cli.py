@@ -92,7 +92,13 @@ def check_config(config: ConfigOption = None) -> None:
 def _mount_service_clis() -> None:
     """Services add their own commands (`nixboot machines …`) as a Typer `app` in `<pkg>.cli`;
     they are merged into the top level."""
-    for pkg in ("nixboot_builder", "nixboot_cache", "nixboot_tftp", "nixboot_dhcp_hook"):
+    for pkg in (
+        "nixboot_builder",
+        "nixboot_cache",
+        "nixboot_cache.timeline",
+        "nixboot_tftp",
+        "nixboot_dhcp_hook",
+    ):
         try:
             module = importlib.import_module(f"{pkg}.cli")
         except ModuleNotFoundError as e:

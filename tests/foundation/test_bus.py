@@ -63,8 +63,13 @@ async def test_consumer_terminates_bad_messages_and_keeps_going(nc: Client) -> N
     await js.publish(subjects.event_subject("lease", mac), b"{garbage")
     good = events.LeaseSeen(mac=mac, ip="10.1.0.2")
     await bus.publish(js, good)
-    await asyncio.wait_for(done.wait(), 5)
+    await asyncio.wait_for(done.wait(), 15)
     assert got == [good]
     assert rejected._value.get() == before + 1
-    info = await js.consumer_info(subjects.EVENTS_STREAM, "test-bad")
+    # The ack goes out just after the handler returns: give it a moment to reach the server.
+    for _ in range(50):
+        info = await js.consumer_info(subjects.EVENTS_STREAM, "test-bad")
+        if info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.1)
     assert info.num_ack_pending == 0 and info.num_redelivered == 0

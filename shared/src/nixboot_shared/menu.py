@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from nixboot_shared.records import Generation, MachineGenerations
+from nixboot_shared.subjects import normalize_mac
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def kernel_cmdline(gen: Generation, params: BootParams, mac: str) -> str:
         f"nixboot.key={params.public_key}",
         f"nixboot.boot_id={params.boot_id}",
         f"nixboot.token={params.boot_token}",
-        f"nixboot.mac={mac}",
+        f"nixboot.mac={normalize_mac(mac)}",
         f"nixboot.generation={gen.number}",
     ]
     return " ".join(p for p in parts if p)

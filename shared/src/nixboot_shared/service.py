@@ -139,8 +139,9 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> No
     for task in ctx.tasks:
         task.cancel()
     await asyncio.gather(*ctx.tasks, return_exceptions=True)
+    # A pull subscription left mid-fetch can hold drain for nats-py's 30 s timeout: bound it.
     with contextlib.suppress(Exception):
-        await nc.drain()
+        await asyncio.wait_for(nc.drain(), 5)
     log.info("%s: stopped", name)
 
 

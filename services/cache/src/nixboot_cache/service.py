@@ -34,6 +34,7 @@ from nixboot_cache.narcache import NarCache, NarMeta, open_inflight, stream_infl
 from nixboot_cache.narinfo import STORE_DIR, NarInfo
 from nixboot_cache.signing import SecretKey, load_or_create
 from nixboot_cache.store import DEFAULT_DB, PathInfo, StoreDb
+from nixboot_cache.timeline import setup_timeline
 from nixboot_cache.warm import Publish, Warmer
 from nixboot_shared import bus, events, menu, pins, security, subjects
 from nixboot_shared.config import Config
@@ -477,6 +478,8 @@ def main(cfg: Config) -> int:
             svc.executor.shutdown(wait=False, cancel_futures=True)
 
         ctx.cleanups.append(stop_executor)
+        # The cache owns boot correlation: it receives the stage reports (docs/observability.md).
+        await setup_timeline(ctx, app)
         log.info("cache: public key %s", svc.public_key)
 
     return run("cache", cfg, cfg.cache.http, setup)
