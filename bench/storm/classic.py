@@ -63,6 +63,8 @@ class ClassicStack:
         return f"http://127.0.0.1:{self.http_port}"
 
     def prepare(self) -> None:
+        # Ports first: the pre-rendered menus name the HTTP server.
+        self.tftp_port, self.http_port = free_port(socket.SOCK_DGRAM), free_port()
         for d in (self.tftp_root / "pxelinux.cfg", self.www, self.root / "tmp"):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -82,7 +84,6 @@ class ClassicStack:
             dest.symlink_to(source.resolve())
 
     def start(self) -> None:
-        self.tftp_port, self.http_port = free_port(socket.SOCK_DGRAM), free_port()
         conf = self.root / "nginx.conf"
         conf.write_text(NGINX_CONF.format(root=self.root, www=self.www, port=self.http_port))
         tftpd = subprocess.Popen(
