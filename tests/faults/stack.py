@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -189,6 +190,56 @@ class FaultStack:
         for name in (*SERVICES, "nats"):
             self.stop_service(name)
 
+    def start_relay(self, loss: float, delay: float) -> subprocess.Popen[str]:
+        """Put tests/faults/relay.py between clients and TFTP + the cache: clients use the
+        relay's ports, and the services restart with menus naming the relay's HTTP port."""
+        self.ports["cache-public"] = free_port()
+        self.ports["tftp-public"] = free_port(socket.SOCK_DGRAM)
+        relay = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("relay.py")),
+             "--udp", f"{self.ports['tftp-public']}:{self.ports['tftp-udp']}",
+             "--tcp", f"{self.ports['cache-public']}:{self.ports['cache']}",
+             "--loss", str(loss), "--delay", str(delay)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert relay.stdout is not None and relay.stdout.readline().strip() == "ready"
+        self._public_url_changed()
+        return relay
+
+    def stop_relay(self, relay: subprocess.Popen[str]) -> str:
+        relay.terminate()
+        out, _ = relay.communicate(timeout=10)
+        self.ports["cache-public"] = self.ports["cache"]
+        self.ports["tftp-public"] = self.ports["tftp-udp"]
+        self._public_url_changed()
+        return out.strip()
+
+    def _public_url_changed(self) -> None:
+        self.env["NIXBOOT_CACHE__PUBLIC_URL"] = self.public_cache_url
+        for name in ("tftp", "cache"):
+            self.stop_service(name)
+            self.start_service(name)
+        self.wait_healthy(("tftp", "cache"))
+
+    async def closure_nar_bytes(self) -> int:
+        """NAR bytes of one machine's closure (what the cache compresses into its directory)."""
+        nc = await nats.connect(self.nats_url)
+        try:
+            kv = await nc.jetstream().key_value(subjects.KV_GENERATIONS)
+            entry = await kv.get(subjects.mac_token(self.machines[0]))
+            mg = msgspec.json.decode(entry.value or b"", type=records.MachineGenerations)
+        finally:
+            await nc.close()
+        default = mg.default()
+        assert default is not None
+        out = await asyncio.to_thread(
+            subprocess.run,
+            ["nix", "path-info", "--json", "-r", default.toplevel],
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "NIX_CONFIG": NIX_ENV_CONFIG},
+        )  # fmt: skip
+        return sum(int(p["narSize"]) for p in json.loads(out.stdout))
+
     def hook_argv(self) -> list[str]:
         """The real hook as a DHCP server runs it."""
         import nixboot_dhcp_hook.hook as hook
@@ -206,8 +257,9 @@ class FaultStack:
 
 
 async def wait_generations(
-    nats_url: str, macs: list[str], timeout: float
+    nats_url: str, macs: list[str], timeout: float, number: int = 1
 ) -> dict[str, records.Generation]:
+    """Each machine's default generation once it is ``number`` (or newer)."""
     nc = await nats.connect(nats_url)
     try:
         kv = await nc.jetstream().key_value(subjects.KV_GENERATIONS)
@@ -223,11 +275,13 @@ async def wait_generations(
                     continue
                 mg = msgspec.json.decode(entry.value or b"", type=records.MachineGenerations)
                 default = mg.default()
-                if default is not None:
+                if default is not None and default.number >= number:
                     found[mac] = default
             if len(found) == len(macs):
                 return found
             await asyncio.sleep(0.3)
     finally:
         await nc.close()
+    if number > 1:
+        return found
     raise RuntimeError(f"generations missing for {len(macs) - len(found)} machines")

@@ -30,7 +30,13 @@ from nats.js.kv import KeyValue
 from starlette.background import BackgroundTask
 
 from nixboot_cache import metrics, nix32
-from nixboot_cache.narcache import NarCache, NarMeta, open_inflight, stream_inflight
+from nixboot_cache.narcache import (
+    NarCache,
+    NarMeta,
+    open_inflight,
+    stream_direct,
+    stream_inflight,
+)
 from nixboot_cache.narinfo import STORE_DIR, NarInfo
 from nixboot_cache.signing import SecretKey, load_or_create
 from nixboot_cache.store import DEFAULT_DB, PathInfo, StoreDb
@@ -260,10 +266,13 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
             return _bad("narinfo", "no such path", 404)
         svc._known[info.nar_hash32] = info.path
         meta = svc.nars.meta(info.nar_hash32)
-        if meta is None and svc.nars.inflight(info.nar_hash32) is None:
+        if meta is None and svc.nars.inflight(info.nar_hash32) is None and not svc.nars.disk_full():
             # Cold: answer now (FileHash is optional) and start compressing, since the NAR
             # request usually follows.
-            svc.nars.start(info)
+            try:
+                svc.nars.start(info)
+            except OSError as e:  # the cache directory is full: the NAR is served direct
+                svc.nars.note_disk_error(e)
         metrics.REQUESTS.labels("narinfo", "200").inc()
         return Response(svc.narinfo(info, meta), media_type="text/x-nix-narinfo")
 
@@ -289,7 +298,19 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
             info = svc.path_for_nar(h)
             if info is None:
                 return _bad("nar", "no such NAR", 404)
-            job = svc.nars.start(info)
+            try:
+                job = None if svc.nars.disk_full() else svc.nars.start(info)
+            except OSError as e:  # not even an empty temporary file fits
+                svc.nars.note_disk_error(e)
+            if job is None:
+                metrics.REQUESTS.labels("nar", "200").inc()
+                if request.method == "HEAD":
+                    return Response(media_type="application/x-nix-nar")
+                metrics.NAR_SERVED.labels("direct").inc()
+                return StreamingResponse(
+                    stream_direct(info.path),
+                    media_type="application/x-nix-nar",
+                )
         metrics.REQUESTS.labels("nar", "200").inc()
         if request.method == "HEAD":
             return Response(media_type="application/x-nix-nar")
