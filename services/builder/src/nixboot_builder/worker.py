@@ -21,6 +21,7 @@ from nixboot_builder import gcroots, generations, nixlog, wire
 from nixboot_builder.nix import Nix, NixError, read_boot_files
 from nixboot_builder.store import FALLBACK_KEY, Store
 from nixboot_shared import bus, events, subjects
+from nixboot_shared import metrics as shared_metrics
 from nixboot_shared.records import Generation, MachineGenerations
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class Builder:
             req = wire.decode_request(msg.data)
         except Exception as e:
             log.error("dropping undecodable build request on %s: %s", msg.subject, e)
+            shared_metrics.EVENTS_REJECTED.labels(DURABLE).inc()
             await msg.term()
             return
         heartbeat = asyncio.ensure_future(self._keep_alive(msg))
