@@ -221,6 +221,18 @@ class FaultStack:
             self.start_service(name)
         self.wait_healthy(("tftp", "cache"))
 
+    async def default_toplevel(self) -> str:
+        nc = await nats.connect(self.nats_url)
+        try:
+            kv = await nc.jetstream().key_value(subjects.KV_GENERATIONS)
+            entry = await kv.get(subjects.mac_token(self.machines[0]))
+            mg = msgspec.json.decode(entry.value or b"", type=records.MachineGenerations)
+        finally:
+            await nc.close()
+        default = mg.default()
+        assert default is not None
+        return default.toplevel
+
     async def closure_nar_bytes(self) -> int:
         """NAR bytes of one machine's closure (what the cache compresses into its directory)."""
         nc = await nats.connect(self.nats_url)
