@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import signal
 from typing import Any
@@ -177,7 +178,8 @@ async def main() -> None:
             except OSError:
                 w.close()
                 return
-            await asyncio.gather(pipe(r, uw, imp), pipe(ur, w, imp))
+            with contextlib.suppress(asyncio.CancelledError):  # the relay stopping
+                await asyncio.gather(pipe(r, uw, imp), pipe(ur, w, imp))
 
         await asyncio.start_server(on_client, LOCAL, lport, backlog=4096)
     stop = asyncio.Event()

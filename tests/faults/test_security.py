@@ -173,7 +173,7 @@ def test_secrets_never_in_logs_or_events(stack: FaultStack) -> None:
         "cache key": (stack.state / "cache-key.sec").read_text().strip().split(":", 1)[1].encode(),
     }
     logs = b"".join(f.read_bytes() for f in stack.root.glob("*.log"))
-    stream = b"".join(d for _, d in asyncio.run(storm.read_stream(stack.nats_url, 0)))
+    stream = b"".join(d for _, d in asyncio.run(storm.read_stream(stack.nats_url, 0, raw=True)))
     assert stream and logs
     for what, value in secrets.items():
         assert value not in logs, f"{what} in a log"
