@@ -226,6 +226,10 @@ def load(path: str | Path | None = None, environ: dict[str, str] | None = None) 
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:  # TOML is UTF-8
+            raise ConfigError(f"config file {path} is not UTF-8 text: {e}") from None
+        except OSError as e:  # a directory, no permission, ...
+            raise ConfigError(f"config file {path} cannot be read: {e}") from None
     _apply_env(data, environ)
     try:
         cfg = msgspec.convert(data, Config, strict=False)
