@@ -178,3 +178,27 @@ def test_secrets_never_in_logs_or_events(stack: FaultStack) -> None:
     for what, value in secrets.items():
         assert value not in logs, f"{what} in a log"
         assert value not in stream, f"{what} in the event stream"
+
+
+def test_tftp_never_serves_the_state_directory(stack: FaultStack) -> None:
+    """tests/tftp covers escape variants against the server; here against the running service,
+    aimed at what matters: the API token, the boot secret, the signing key next to its root."""
+    import socket
+
+    names = []
+    for secret in ("api-token", "boot-secret", "cache-key.sec", "nixboot.toml"):
+        absolute = str(stack.state / secret)
+        names += [absolute, f"../{secret}", f"../../{secret}", f"pxelinux.cfg/../../{secret}",
+                  f"..\\{secret}", f"%2e%2e/{secret}", f"/{secret}", f"....//{secret}",
+                  f"./../{secret}", absolute.replace("/", "\\")]  # fmt: skip
+    token = stack.token.encode()
+    for name in names:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(3)
+            s.sendto(
+                b"\x00\x01" + name.encode() + b"\x00octet\x00",
+                ("127.0.0.1", stack.ports["tftp-udp"]),
+            )
+            reply, _ = s.recvfrom(70000)
+        assert reply[:2] == b"\x00\x05", (name, reply[:60])
+        assert token not in reply
