@@ -51,7 +51,7 @@ class Outcome:
 
 def ip_of(mac: str) -> str:
     low = int(mac.replace(":", "")[-4:], 16)
-    return f"10.11.{low >> 8}.{(low & 255) + 1}"
+    return f"10.11.{low >> 8}.{low & 255}"  # (a +1 here made 10.11.0.256: rejected, rightly)
 
 
 async def storm(
