@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 import tempfile
 import time
@@ -98,7 +99,10 @@ async def main() -> int:
     print("\n" + storm.HEADER)
     for o in rows:
         print(storm.row(o))
-    return 0 if all(o.ok for o in rows) else 1
+    ok = all(o.ok for o in rows)
+    if ok:
+        shutil.rmtree(root, ignore_errors=True)  # kept for its logs when something failed
+    return 0 if ok else 1
 
 
 async def build_fault(s: FaultStack) -> None:
