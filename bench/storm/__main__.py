@@ -258,6 +258,7 @@ async def main() -> int:
     sizes = [int(x) for x in args.n.split(",")]
     gen_counts = [int(x) for x in args.generations.split(",")]
     root = Path(tempfile.mkdtemp(prefix="nixboot-storm-"))
+    root.chmod(0o755)  # nginx's workers run as nobody and must read the classic stack's files
     max_n, max_g = max(sizes), max(gen_counts)
     macs = [mac_of(i + 1) for i in range(max_n)]
     print(f"storm: preparing flake with {max_g} configurations in {root}", flush=True)
@@ -310,7 +311,14 @@ async def main() -> int:
                     row["lease_to_warm_p99_ms"] = round(p(warm_ms, 0.99), 2) if warm_ms else None
                     rows.append(row)
                     wall_c, res_c = await storm(
-                        targets["classic"], classic.url, chosen, gens, None, args.real_nix, "", root
+                        targets["classic"],
+                        classic.url,
+                        chosen,
+                        gens,
+                        None,
+                        args.real_nix,
+                        classic.public_key(),
+                        root,
                     )
                     rows.append(summarize("classic", n, g, mode, wall_c, res_c))
                     ratio = wall / wall_c if wall_c else float("nan")
