@@ -9,7 +9,7 @@ VENV := $(ROOT)/.venv
 export UV_PYTHON := python3
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test deps apt uv sync lint typecheck pytest bench clean
+.PHONY: run test deps apt uv sync lint typecheck pytest bench-deps clean
 
 run: deps
 	@# Port 69 needs root; a normal user gets 6969 unless configured otherwise.
@@ -48,6 +48,10 @@ typecheck:
 
 pytest:
 	$(VENV)/bin/pytest
+
+bench-deps: deps
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  -o DPkg::Lock::Timeout=600 nginx-light wrk tftpd-hpa >/dev/null
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache
