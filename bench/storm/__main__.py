@@ -260,11 +260,12 @@ async def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="nixboot-storm-"))
     root.chmod(0o755)  # nginx's workers run as nobody and must read the classic stack's files
     max_n, max_g = max(sizes), max(gen_counts)
-    macs = [mac_of(i + 1) for i in range(max_n)]
+    # One room per generation count: room g's machines cycle through g configurations.
+    rooms = {g: [mac_of(k * 1000 + i + 1) for i in range(max_n)] for k, g in enumerate(gen_counts)}
+    macs = [mac for room in rooms.values() for mac in room]
     print(f"storm: preparing flake with {max_g} configurations in {root}", flush=True)
     flake = prepare_flake(root, max_g, args.payload_kib)
-    # The first max_n machines cycle through the configurations; runs with g=1 use only room0's.
-    assign = {mac: f"room{i % max_g}" for i, mac in enumerate(macs)}
+    assign = {mac: f"room{i % g}" for g, room in rooms.items() for i, mac in enumerate(room)}
     stack = NixbootStack(root / "nixboot", flake, list(assign.items()))
     classic = ClassicStack(root / "classic")
     rows: list[dict[str, object]] = []
@@ -288,8 +289,8 @@ async def main() -> int:
         }
         for g in gen_counts:
             for n in sizes:
-                # g generations: machines of rooms 0..g-1 only.
-                chosen = [m for m in macs if int(assign[m][4:]) < g][:n]
+                # The machines of the room with g configurations.
+                chosen = rooms[g][:n]
                 if len(chosen) < n:
                     continue
                 for mode in ("cold", "warm"):
