@@ -4,11 +4,15 @@ rollback, then the local disk. Pure functions: the TFTP service (pxelinux) and t
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
 from nixboot_shared.records import Generation, MachineGenerations
 from nixboot_shared.subjects import normalize_mac
+
+
+_GIT_REV = re.compile(r"^[0-9a-f]{7,40}$")
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ def boot_file_path(gen: Generation, which: str) -> str:
 
 def _label(gen: Generation) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(gen.created)) if gen.created else ""
-    rev = f" {gen.flake_rev[:8]}" if gen.flake_rev else ""
+    # A git revision is worth showing; a path flake's content hash (sha256-…) is not.
+    rev = f" {gen.flake_rev[:8]}" if gen.flake_rev and _GIT_REV.match(gen.flake_rev) else ""
     return f"NixOS generation {gen.number} {when}{rev}".strip()
 
 
