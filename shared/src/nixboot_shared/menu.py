@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from nixboot_shared.records import Generation, MachineGenerations
 from nixboot_shared.subjects import normalize_mac
 
-
 _GIT_REV = re.compile(r"^[0-9a-f]{7,40}$")
 
 
