@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from nixboot_shared.records import Generation, MachineGenerations
-from nixboot_shared.subjects import normalize_mac
+from nixboot_shared.subjects import InvalidMac, normalize_mac
 
 _GIT_REV = re.compile(r"^[0-9a-f]{7,40}$")
 
@@ -38,6 +38,14 @@ def store_hash(store_path: str) -> str:
     return store_path.removeprefix("/nix/store/").split("-", 1)[0]
 
 
+def _colon_mac(mac: str) -> str | None:
+    """The MAC as stage 1 expects it; None for a menu served to an unknown client (`default`)."""
+    try:
+        return normalize_mac(mac)
+    except InvalidMac:
+        return None
+
+
 def kernel_cmdline(gen: Generation, params: BootParams, mac: str) -> str:
     parts = [
         f"init={gen.init}",
@@ -47,7 +55,7 @@ def kernel_cmdline(gen: Generation, params: BootParams, mac: str) -> str:
         f"nixboot.key={params.public_key}",
         f"nixboot.boot_id={params.boot_id}",
         f"nixboot.token={params.boot_token}",
-        f"nixboot.mac={normalize_mac(mac)}",
+        f"nixboot.mac={_colon_mac(mac)}" if _colon_mac(mac) else "",
         f"nixboot.generation={gen.number}",
     ]
     return " ".join(p for p in parts if p)
