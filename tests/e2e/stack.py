@@ -226,11 +226,12 @@ attr = "{closure.ATTR}"
         self.nixboot("pin", MACHINE_NAME, str(number), "--once")
 
     # ------------------------------------------------------------------ observations
-    def events(self, since_seq: int = 0) -> list[dict[str, Any]]:
-        """This machine's events from JetStream, in stream order, after ``since_seq``."""
+    def events(self, since_seq: int = 0, mac: str | None = None) -> list[dict[str, Any]]:
+        """A machine's events (default: the VM's) from JetStream, in stream order, after
+        ``since_seq``."""
         proc = subprocess.run(
             self.lab.exec_argv(
-                [sys.executable, "-m", "tests.e2e.eventlog", self.nats_url, self.mac]
+                [sys.executable, "-m", "tests.e2e.eventlog", self.nats_url, mac or self.mac]
             ),
             capture_output=True,
             text=True,
@@ -241,8 +242,8 @@ attr = "{closure.ATTR}"
         rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
         return [r for r in rows if r["seq"] > since_seq]
 
-    def last_seq(self) -> int:
-        rows = self.events()
+    def last_seq(self, mac: str | None = None) -> int:
+        rows = self.events(mac=mac)
         return rows[-1]["seq"] if rows else 0
 
     def metric(self, name: str, labels: str = "") -> float:
