@@ -35,6 +35,7 @@ BUILDER_PORT = 8081
 DHCP_HOOK_PORT = 8082
 TFTP_HTTP_PORT = 8083
 MACHINE_NAME = "vm1"
+FALLBACK_ATTR = "e2e-fallback"  # tests/e2e/flake: what unregistered MACs boot
 
 HOOK_TEMPLATE = REPO / "deploy" / "dhcp" / "nixboot-dhcp-hook.sh"
 SYSTEM_PYTHON = "/usr/bin/python3"  # what a DHCP server's host runs the hook with
@@ -129,6 +130,7 @@ class RealStack:
             f"""state_dir = "{self.state}"
 log_level = "INFO"
 menu_timeout_seconds = 1
+fallback_attr = "{FALLBACK_ATTR}"
 
 [nats]
 url = "{self.nats_url}"
@@ -217,6 +219,21 @@ attr = "{closure.ATTR}"
         return Built(
             newest["number"], newest["toplevel"], closure.path_sizes(self.work, newest["toplevel"])
         )
+
+    def build_all(self) -> None:
+        """``nixboot build --all --follow``: every machine's configuration and the fallback."""
+        self.nixboot("build", "--all", "--follow")
+
+    def timeline(self, mac: str) -> dict[str, Any]:
+        """GET <cache>/boots/<mac>/timeline (the cache's boot tracker), from the namespace."""
+        proc = subprocess.run(
+            self.lab.exec_argv(["curl", "-sS", "-m", "5", f"{self.url}/boots/{mac}/timeline"]),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        data: dict[str, Any] = json.loads(proc.stdout)
+        return data
 
     def generations(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.nixboot("generations", MACHINE_NAME, "--json"))

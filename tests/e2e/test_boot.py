@@ -62,7 +62,7 @@ def _disk(e2e: E2E) -> Path:
 def _boot(
     e2e: E2E,
     name: str,
-    expect_generation: int,
+    expect_generation: int | None,
     disk: Path | None = None,
     *,
     uefi: bool = False,
@@ -85,7 +85,9 @@ def _boot(
     stage2 = console_lines(result.console, "NIXBOOT-STAGE2")
     version = expect_version or f"e2e-v{expect_generation}"
     assert stage2 and f"version={version}" in stage2[0], stage2
-    assert boot.menu["default_generation"] == expect_generation, boot.menu
+    if expect_generation is not None:
+        assert boot.menu["default_generation"] == expect_generation, boot.menu
+    assert boot.menu["fallback"] == (mac != MAC), boot.menu
     return boot
 
 
@@ -161,6 +163,36 @@ def test_first_boot_partitions_fetches_and_boots(e2e: E2E) -> None:
     assert [s for s in stages if s in STAGE_ORDER][:1] == ["stage1"], stages
     assert {e["boot_id"] for e in after_menu if e["type"] == "stage"} == {boot.boot_id}
     assert all(e["mac"] == MAC for e in boot.events)
+    _timeline_shows(e2e, boot)
+
+
+# The cache's boot tracker (nixboot_cache.timeline): stages it measures on the BIOS iPXE path.
+# "dhcp" and "bootloader" end at a boot program fetched over TFTP, which the NIC's iPXE ROM
+# does not need (it asks the cache for boot.ipxe right after DHCP): not measured on this path.
+IPXE_TIMELINE = ["menu", "kernel", "initrd", "stage1", "closure", "activation"]
+
+
+def _timeline_shows(e2e: E2E, boot: Boot) -> None:
+    """GET <cache>/boots/<mac>/timeline: this boot, booted, every stage in order, one boot id."""
+    deadline = time.monotonic() + 15
+    while True:  # the tracker consumes the stream asynchronously
+        sessions = e2e.stack.timeline(MAC)["boots"]
+        last = sessions[-1] if sessions else {}
+        if last.get("result") == "booted" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    print(f"   timeline: {[(s['stage'], round(s['seconds'], 2)) for s in last['stages']]}")
+    assert last["boot_id"] == boot.boot_id and last["result"] == "booted", last
+    stages = [s["stage"] for s in last["stages"]]
+    assert stages == IPXE_TIMELINE, stages
+    starts = [s["start"] for s in last["stages"]]
+    assert starts == sorted(starts), last["stages"]
+    assert all(s["end"] >= s["start"] for s in last["stages"]), last["stages"]
+    ids = {e["boot_id"] for e in last["events"] if e.get("boot_id")}
+    assert ids == {boot.boot_id}, ids
+    kinds = {e["type"] for e in last["events"]}
+    assert {"lease", "menu", "boot-file", "stage"} <= kinds, kinds
+    assert last["seconds"] is not None and last["seconds"] > 0, last
 
 
 def test_second_boot_keeps_disk_and_store(e2e: E2E) -> None:
@@ -278,3 +310,30 @@ def test_uefi_firmware_pxe_snponly_then_ipxe_over_http(e2e: E2E) -> None:
     assert _granted(leases[0]) <= ok[0]["ts"] < boot.menu["ts"], (leases, snp, boot.menu)
     http_files = {(f[0], f[2]) for f in files}
     assert {("kernel", "http"), ("initrd", "http")} <= http_files, files
+
+
+UNKNOWN_MAC = "52:54:00:13:00:99"
+
+
+def test_unknown_machine_boots_the_fallback(e2e: E2E) -> None:
+    """An unregistered MAC gets the deployment's fallback configuration (fallback_attr, built by
+    ``nixboot build --all``): its menu, its system (version e2e-fallback), and the event stream
+    says so (MenuServed.fallback); the registered machine's generations are untouched."""
+    before = e2e.stack.generations()
+    e2e.stack.build_all()
+    boot = _boot(
+        e2e,
+        "boot9-unknown",
+        expect_generation=None,
+        mac=UNKNOWN_MAC,
+        expect_version="e2e-fallback",
+    )
+    assert boot.menu["fallback"] is True and boot.menu["generations"], boot.menu
+    assert boot.menu["mac"] == UNKNOWN_MAC
+    _stages_in_order(boot)
+    assert all(r["mac"] == UNKNOWN_MAC for r in boot.reports)
+    assert any(e["type"] == "lease" for e in boot.events), boot.events
+    after = e2e.stack.generations()
+    assert [g["number"] for g in after["generations"]] == [
+        g["number"] for g in before["generations"]
+    ], (before, after)

@@ -262,6 +262,33 @@ async def test_hex_ip_default_and_fallback(
         svc.stop()
 
 
+async def test_unknown_machine_boots_the_builders_fallback_record(
+    tmp_path: Path, nats_server: NatsServer, clean_env: dict[str, str], kv: dict[str, KeyValue]
+) -> None:
+    """The builder records the fallback configuration under ``subjects.FALLBACK_KEY`` (not a
+    MAC): unknown machines get those generations (never its pins); registered machines keep
+    theirs. Without ``fallback_attr``, unknown machines get the local disk only."""
+    fb = MachineGenerations(mac=subjects.FALLBACK_KEY, generations=[gen(20), gen(21)], pinned=20)
+    await kv[subjects.KV_GENERATIONS].put(subjects.FALLBACK_KEY, msgspec.json.encode(fb))
+    await put_gens(kv, MAC, MachineGenerations(mac=MAC, generations=[gen(3)]))
+    unknown = "pxelinux.cfg/01-52-54-00-00-00-99"
+    (tmp_path / "a").mkdir()
+    svc = TftpService(tmp_path / "a", nats_server.url, clean_env, fallback="fallback-sys")
+    try:
+        await eventually(lambda: _must(default(svc.get(unknown)), "gen-21"))
+        assert labels(svc.get(unknown)) == ["gen-21", "gen-20", "local"]
+        assert default(svc.get(f"pxelinux.cfg/01-{TOKEN}")) == "gen-3"
+    finally:
+        svc.stop()
+    (tmp_path / "b").mkdir()
+    svc = TftpService(tmp_path / "b", nats_server.url, clean_env)
+    try:
+        await eventually(lambda: _must(default(svc.get(f"pxelinux.cfg/01-{TOKEN}")), "gen-3"))
+        assert labels(svc.get(unknown)) == ["local"] and default(svc.get(unknown)) == "local"
+    finally:
+        svc.stop()
+
+
 async def test_kernel_and_initrd_over_tftp_from_the_store(
     service: TftpService, kv: dict[str, KeyValue], tmp_path: Path
 ) -> None:
