@@ -57,14 +57,6 @@ def test_dnsmasq_calls_that_are_no_lease_change_are_ignored(argv: list[str]) -> 
     assert parse_hook(argv, {}, NOW) == []
 
 
-def test_dnsmasq_startup_replay_of_its_lease_file_is_no_lease_change() -> None:
-    env = {"DNSMASQ_DATA_MISSING": "1", "DNSMASQ_LEASE_EXPIRES": str(int(NOW) + 3000)}
-    assert parse_hook(["old", MAC, "10.77.0.111"], env, NOW) == []
-    # a real renewal (script-on-renewal) has no DATA_MISSING
-    del env["DNSMASQ_DATA_MISSING"]
-    assert parse_hook(["old", MAC, "10.77.0.111"], env, NOW)[0].kind == "renew"
-
-
 KEA_COMMIT_ENV = {
     "DELETED_LEASES4_SIZE": "0",
     "LEASES4_AT0_ADDRESS": "10.77.0.100",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import nixboot_dhcp_hook.hook
+import nixboot_dhcp_hook.service
 from tests.e2e import closure
 from tests.e2e.initrd import TestBootFiles
 from tests.e2e.lab import SERVER_IP, Lab
@@ -110,6 +111,11 @@ class RealStack:
     def restart_dhcp(self, pxelinux: bool) -> None:
         self.lab.stop_dnsmasq()
         self.lab.start_dnsmasq(self.url, self.hook, pxelinux=pxelinux)
+        # dnsmasq replays its lease file through the hook at start-up ("old"); the dhcp-hook
+        # publishes that as a renewal, and takes the VM's real REQUEST within
+        # RETRANSMIT_SECONDS of it for a retransmit (no lease event for that boot). Let that
+        # window pass, as a lab's DHCP server is not restarted right before a boot.
+        time.sleep(nixboot_dhcp_hook.service.RETRANSMIT_SECONDS + 0.5)
 
     def _render_hook(self) -> Path:
         """deploy/dhcp/nixboot-dhcp-hook.sh, filled in as an install would."""

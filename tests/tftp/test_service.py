@@ -252,6 +252,7 @@ async def test_hex_ip_default_and_fallback(
         # Unknown machines: the fallback attribute's generations.
         menu = svc.get("pxelinux.cfg/default")
         assert "rendered for unknown" in menu
+        assert "nixboot.mac=" not in menu  # no MAC known: stage 1 reports without one
         assert labels(menu) == ["gen-8", "gen-7", "local"] and default(menu) == "gen-8"
         menu = svc.get("pxelinux.cfg/01-52-54-00-00-00-99")
         assert "rendered for 52-54-00-00-00-99" in menu and default(menu) == "gen-8"

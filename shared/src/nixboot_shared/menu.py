@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from nixboot_shared.records import Generation, MachineGenerations
-from nixboot_shared.subjects import normalize_mac
+from nixboot_shared.subjects import InvalidMac, normalize_mac
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,12 @@ def store_hash(store_path: str) -> str:
 
 
 def kernel_cmdline(gen: Generation, params: BootParams, mac: str) -> str:
+    try:
+        mac_param = f"nixboot.mac={normalize_mac(mac)}"
+    except InvalidMac:
+        # pxelinux's "default" menu for a client whose lease is not known yet: no MAC to give;
+        # stage 1 then reports without one.
+        mac_param = ""
     parts = [
         f"init={gen.init}",
         gen.kernel_params.strip(),
@@ -44,7 +50,7 @@ def kernel_cmdline(gen: Generation, params: BootParams, mac: str) -> str:
         f"nixboot.key={params.public_key}",
         f"nixboot.boot_id={params.boot_id}",
         f"nixboot.token={params.boot_token}",
-        f"nixboot.mac={normalize_mac(mac)}",
+        mac_param,
         f"nixboot.generation={gen.number}",
     ]
     return " ".join(p for p in parts if p)

@@ -145,11 +145,6 @@ def parse_dnsmasq(argv: Sequence[str], env: Mapping[str, str], now: float) -> li
         return []
     if action not in DNSMASQ_KINDS:
         raise BadLease(f"dnsmasq action {action!r} is not add, old or del")
-    if action == "old" and env.get("DNSMASQ_DATA_MISSING") == "1":
-        # dnsmasq replaying its lease file at start-up: no client asked for anything. Published
-        # as a renewal it also made the machine's real REQUEST seconds later look like a
-        # retransmit (service.is_retransmit), so that boot had no lease event.
-        return []
     if len(argv) not in (3, 4):
         raise BadLease(
             f"dnsmasq {action}: expected <mac> <ip> [hostname], got {len(argv) - 1} args"
