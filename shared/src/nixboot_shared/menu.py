@@ -38,15 +38,13 @@ def store_hash(store_path: str) -> str:
     return store_path.removeprefix("/nix/store/").split("-", 1)[0]
 
 
-def _colon_mac(mac: str) -> str | None:
-    """The MAC as stage 1 expects it; None for a menu served to an unknown client (`default`)."""
-    try:
-        return normalize_mac(mac)
-    except InvalidMac:
-        return None
-
-
 def kernel_cmdline(gen: Generation, params: BootParams, mac: str) -> str:
+    try:
+        mac_param = f"nixboot.mac={normalize_mac(mac)}"
+    except InvalidMac:
+        # pxelinux's "default" menu for a client whose lease is not known yet: no MAC to give;
+        # stage 1 then reports without one.
+        mac_param = ""
     parts = [
         f"init={gen.init}",
         gen.kernel_params.strip(),
@@ -55,7 +53,7 @@ def kernel_cmdline(gen: Generation, params: BootParams, mac: str) -> str:
         f"nixboot.key={params.public_key}",
         f"nixboot.boot_id={params.boot_id}",
         f"nixboot.token={params.boot_token}",
-        f"nixboot.mac={_colon_mac(mac)}" if _colon_mac(mac) else "",
+        mac_param,
         f"nixboot.generation={gen.number}",
     ]
     return " ".join(p for p in parts if p)

@@ -20,7 +20,7 @@ from nixboot_shared import subjects
 from nixboot_shared.records import Machine, MachineGenerations
 
 # Key of the fallback configuration's generations (what unknown MACs boot); not a MAC token.
-FALLBACK_KEY = "fallback"
+FALLBACK_KEY = subjects.FALLBACK_KEY
 
 T = TypeVar("T")
 

@@ -73,6 +73,19 @@ class Generations:
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             log.warning("generations: ignoring undecodable record %s: %s", key, e)
 
+    def for_menu(self, token: str, fallback_attr: str) -> tuple[MachineGenerations | None, bool]:
+        """What a machine's menu offers, and whether that is the fallback: its own generations,
+        else (an unknown machine, or one not built yet) the fallback configuration's, which the
+        builder keeps under ``subjects.FALLBACK_KEY``; with no ``fallback_attr``, nothing (the
+        menu then offers the local disk only). Pins belong to machines, never to the fallback."""
+        own = self.by_mac.get(token)
+        if own is not None and own.generations:
+            return own, False
+        fb = self.by_mac.get(subjects.FALLBACK_KEY) if fallback_attr else None
+        if fb is None or not fb.generations:
+            return None, True
+        return msgspec.structs.replace(fb, pinned=None, next_boot=None), True
+
     def by_toplevel_hash(self, h: str) -> Generation | None:
         for mg in self.by_mac.values():
             for g in mg.generations:
@@ -189,17 +202,21 @@ class CacheService:
         token = subjects.mac_token(mac)
         # The watched view answers at once; asking KV costs a round trip while a storm keeps
         # NATS busy (lease → warm started is on every boot's critical path).
-        mg = self.gens.by_mac.get(token)
+        mg: MachineGenerations | None = self.gens.by_mac.get(token)
         if mg is None:
             try:
                 entry = await kv.get(token)
             except Exception:  # KeyNotFoundError and friends: a machine with no generations yet
-                log.info("lease of %s: no generations, nothing to warm", mac)
-                return
-            if entry.value is None:
-                return
-            mg = msgspec.json.decode(entry.value, type=MachineGenerations)
-            self.gens.by_mac[token] = mg
+                entry = None
+            if entry is not None and entry.value:
+                mg = msgspec.json.decode(entry.value, type=MachineGenerations)
+                self.gens.by_mac[token] = mg
+            else:
+                # An unknown machine boots the fallback (if any): warm that.
+                mg, _ = self.gens.for_menu(token, self.cfg.fallback_attr)
+        if mg is None:
+            log.info("lease of %s: no generations, nothing to warm", mac)
+            return
         tops = []
         default = mg.default()
         newest = mg.newest_first()[:1]
@@ -368,7 +385,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
             boot_id=boot_id,
             boot_token=security.boot_token(svc.boot_secret, boot_id),
         )
-        mg = svc.gens.by_mac.get(token)
+        mg, fallback = svc.gens.for_menu(token, svc.cfg.fallback_attr)
         spec = menu.MenuSpec(
             mac=norm,
             title="nixboot",
@@ -378,7 +395,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
         )
         text = menu.render_ipxe(spec, svc.cfg.cache.public_url.rstrip("/") + "/")
         if request.method == "GET":
-            once = pins.once_made_default(mg)
+            once = None if fallback else pins.once_made_default(mg)
             if once is not None and mg is not None:
                 await svc.consume_once(token, mg, once)
             gens, default = menu.ordered_entries(spec)
@@ -390,7 +407,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
                     client=request.client.host if request.client else "",
                     default_generation=default.number if default else None,
                     generations=[g.number for g in gens],
-                    fallback=mg is None,
+                    fallback=fallback,
                 )
             )
         metrics.REQUESTS.labels("ipxe", "200").inc()
