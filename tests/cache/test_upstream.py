@@ -210,6 +210,21 @@ async def test_downstream_fills_from_upstream_and_nix_substitutes_from_it(
             set(g1.store_paths) | set(g2.store_paths)
         )
 
+        # Metrics: the disk bound, and HTTP requests by route pattern (never by path).
+        assert down.metric("nixboot_cache_max_bytes") == 1 << 30
+        boot = "/boot/{toplevel_hash}/{which}"
+        assert (
+            down.metric("nixboot_http_requests_total", route=boot, method="GET", status="206") == 1
+        )
+        assert (
+            down.metric("nixboot_http_requests_total", route=boot, method="GET", status="200") == 1
+        )
+        nar_gets = down.metric(
+            "nixboot_http_requests_total", route="/nar/{name}", status="200", method="GET"
+        )
+        assert nar_gets == down.metric("nixboot_cache_nar_served_total")
+        assert down.metric("nixboot_http_request_seconds_count", route="/{hash_part}.narinfo") > 0
+
         # Restarted, the downstream still answers from what it verified and stored.
         stop_cache(down)
         down = start_cache(

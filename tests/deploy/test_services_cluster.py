@@ -173,6 +173,9 @@ async def test_services_on_three_nodes_survive_a_node_loss(
         created = await wait_event(lambda e: isinstance(e, events.GenerationCreated), 120)
         assert isinstance(created, events.GenerationCreated)
         toplevel = created.toplevel
+        builder_metrics = httpx.get(services["builder"].url + "/metrics").text
+        assert 'nixboot_builder_builds_total{result="ok"} 1.0' in builder_metrics
+        assert "nixboot_builder_build_seconds_count 1.0" in builder_metrics
 
         posted: list[str] = []
 

@@ -157,6 +157,7 @@ class CacheService:
         self._narinfo_memo: dict[tuple[PathInfo, str, int], str] = {}
         self._known: dict[str, str] = {}  # nar hash -> store path, for every narinfo we answered
         metrics.CACHE_BYTES.set_function(lambda: self.nars.total_bytes)
+        metrics.MAX_BYTES.set(cfg.cache.max_bytes)
 
     async def _publish(self, event: events.Event) -> None:
         await self.publish_event(event)
