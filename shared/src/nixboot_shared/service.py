@@ -136,6 +136,10 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+# Capped by the kernel's net.core.somaxconn (4096 on Debian 12).
+LISTEN_BACKLOG = 4096
+
+
 def _http_server(app: FastAPI, listen: HttpListen) -> tuple[Awaitable[Any], Callable[[], None]]:
     """The HTTP server coroutine and its stop function. granian runs embedded in this event
     loop (its Rust side does the socket work, and file responses go out by ``pathsend``)."""
@@ -151,10 +155,21 @@ def _http_server(app: FastAPI, listen: HttpListen) -> tuple[Awaitable[Any], Call
             interface=Interfaces.ASGINL,
             websockets=False,
             log_level=LogLevels.warning,
+            # A classroom at 08:00 opens up to 25 connections per machine at once (nix's
+            # http-connections). granian's default backlog of 128 drops SYNs beyond it, and the
+            # kernel's SYN retries (1, 3, 7, 15 s …) then stall whole boots for ~30 s.
+            backlog=LISTEN_BACKLOG,
         )
         return granian.serve(), granian.stop
     server = _QuietServer(
-        uvicorn.Config(app, host=listen.host, port=listen.port, log_level="warning", lifespan="off")
+        uvicorn.Config(
+            app,
+            host=listen.host,
+            port=listen.port,
+            log_level="warning",
+            lifespan="off",
+            backlog=LISTEN_BACKLOG,
+        )
     )
 
     def stop() -> None:

@@ -248,15 +248,20 @@ class CacheService:
             log.error("could not consume the one-shot pin of %s: %s", mg.mac, e)
 
     async def warm_for_mac(self, mac: str, kv: KeyValue, trigger: str) -> None:
-        try:
-            entry = await kv.get(subjects.mac_token(mac))
-        except Exception:  # KeyNotFoundError and friends: a machine with no generations yet
-            log.info("lease of %s: no generations, nothing to warm", mac)
-            return
-        if entry.value is None:
-            return
-        mg = msgspec.json.decode(entry.value, type=MachineGenerations)
-        self.gens.by_mac[subjects.mac_token(mac)] = mg
+        token = subjects.mac_token(mac)
+        # The watched view answers at once; asking KV costs a round trip while a storm keeps
+        # NATS busy (lease → warm started is on every boot's critical path).
+        mg = self.gens.by_mac.get(token)
+        if mg is None:
+            try:
+                entry = await kv.get(token)
+            except Exception:  # KeyNotFoundError and friends: a machine with no generations yet
+                log.info("lease of %s: no generations, nothing to warm", mac)
+                return
+            if entry.value is None:
+                return
+            mg = msgspec.json.decode(entry.value, type=MachineGenerations)
+            self.gens.by_mac[token] = mg
         tops = []
         default = mg.default()
         newest = mg.newest_first()[:1]
