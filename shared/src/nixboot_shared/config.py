@@ -9,6 +9,8 @@ message naming the key.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import tomllib
@@ -189,6 +191,14 @@ def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
         node[path[-1]] = _parse_env_value(raw)
 
 
+def _is_public_key(text: str) -> bool:
+    name, sep, b64 = text.strip().partition(":")
+    try:
+        return bool(sep and name) and len(base64.b64decode(b64, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False
+
+
 def _validate(cfg: Config) -> None:
     from nixboot_shared.subjects import InvalidMac, normalize_mac
 
@@ -217,6 +227,11 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.cache.upstream_url and not cfg.cache.upstream_url.startswith(("http://", "https://")):
         raise ConfigError(f"cache.upstream_url: {cfg.cache.upstream_url!r} is not an http(s) URL")
+    if cfg.cache.upstream_public_key and not _is_public_key(cfg.cache.upstream_public_key):
+        raise ConfigError(
+            "cache.upstream_public_key: expected Nix's `name:base64` of a 32-byte ed25519 key "
+            "(what `nixboot cache key` prints on the upstream)"
+        )
     if not re.fullmatch(r"[A-Za-z0-9_-]{0,64}", cfg.cache.instance):
         raise ConfigError(
             f"cache.instance: {cfg.cache.instance!r} must match [A-Za-z0-9_-]{{0,64}}"
