@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError
 
-from nixboot_builder import gcroots, generations, nixlog, wire
+from nixboot_builder import gcroots, generations, metrics, nixlog, wire
 from nixboot_builder.nix import Nix, NixError, read_boot_files
 from nixboot_builder.store import FALLBACK_KEY, Store
 from nixboot_shared import bus, events, subjects
@@ -190,6 +190,8 @@ class Builder:
             events.BuildSucceeded(build_id=bid, attr=attr, toplevel=toplevel, seconds=seconds),
         )
         await self._log(bid, wire.LogRecord(kind="end", ok=True, toplevel=toplevel))
+        metrics.BUILDS.labels("ok").inc()
+        metrics.BUILD_SECONDS.observe(seconds)
         log.info(
             "build %s of %s: %s in %.2fs, recorded in %.2fs",
             bid,
@@ -242,3 +244,4 @@ class Builder:
             ),
         )
         await self._log(req.build_id, wire.LogRecord(kind="end", ok=False, text=error))
+        metrics.BUILDS.labels("failed").inc()
