@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from nixboot_builder import gcroots, generations, metrics, nixlog, wire
 from nixboot_builder.nix import Nix, NixError, read_boot_files
 from nixboot_builder.store import FALLBACK_KEY, Store
 from nixboot_shared import bus, events, subjects
+from nixboot_shared import metrics as shared_metrics
 from nixboot_shared.records import Generation, MachineGenerations
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,11 @@ async def request_build(
         return req
     await bus.publish(js, events.BuildRequested(build_id=req.build_id, attr=attr, reason=reason))
     return req
+
+
+def generation_event_id(key: str, gen: Generation) -> str:
+    """Same generation, same event id: a re-announcement is deduplicated by JetStream."""
+    return hashlib.sha256(f"{key}/{gen.number}/{gen.toplevel}".encode()).hexdigest()[:32]
 
 
 class Builder:
@@ -101,6 +108,7 @@ class Builder:
             req = wire.decode_request(msg.data)
         except Exception as e:
             log.error("dropping undecodable build request on %s: %s", msg.subject, e)
+            shared_metrics.EVENTS_REJECTED.labels(DURABLE).inc()
             await msg.term()
             return
         heartbeat = asyncio.ensure_future(self._keep_alive(msg))
@@ -222,14 +230,28 @@ class Builder:
             record = await self.store.update_generations(key, mac, apply)
             await gcroots.sync(self.nix, self.state_dir, key, record)
             created = outcome[0].created if outcome else None
+            announce = created
+            if created is None and outcome:
+                # A builder killed between the KV write above and the publish below left a
+                # recent generation without its event: announce it again under the same id
+                # (JetStream drops the copy if the first publish got through).
+                newest = outcome[0].record.newest_first()[:1]
+                if (
+                    newest
+                    and newest[0].toplevel == new.toplevel
+                    and time.time() - newest[0].created < bus.DUPLICATE_WINDOW_SECONDS / 2
+                ):
+                    announce = newest[0]
             if created is not None:
                 created_any = created
+            if announce is not None:
                 await bus.publish(
                     self.js,
                     events.GenerationCreated(
+                        id=generation_event_id(key, announce),
                         mac=None if key == FALLBACK_KEY else mac,
-                        number=created.number,
-                        toplevel=created.toplevel,
+                        number=announce.number,
+                        toplevel=announce.toplevel,
                         attr=attr,
                     ),
                 )

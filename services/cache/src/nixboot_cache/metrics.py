@@ -24,3 +24,6 @@ FORGED_REPORTS = Counter("nixboot_cache_forged_reports", "Stage reports with a b
 ONE_SHOT_CONSUMED = Counter(
     "nixboot_cache_one_shot_consumed", "One-shot pins spent by an iPXE menu that made them default"
 )
+DISK_FULL = Counter(
+    "nixboot_cache_disk_full", "Compressions that failed because the cache directory was full"
+)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 ZSTD_LEVEL = 3
 READ_CHUNK = 256 * 1024
+# After the cache directory ran out of space, NARs are compressed straight to the client (not
+# kept) for this long before the disk is tried again.
+DISK_FULL_BACKOFF_SECONDS = 10.0
 
 
 class NarMismatch(RuntimeError):
@@ -96,6 +100,7 @@ class NarCache:
         self.max_bytes = max_bytes
         self.protected = protected  # nar hashes that must never be evicted
         self.grace_seconds = grace_seconds
+        self._disk_full_until = 0.0
         self.stats = Stats()
         self._used: dict[str, float] = {}  # nar hash -> monotonic time of last use
         self._metas: dict[str, NarMeta] = {}  # sidecars read so far
@@ -179,6 +184,19 @@ class NarCache:
     def inflight(self, h: str) -> InFlight | None:
         return self._inflight.get(h)
 
+    def disk_full(self) -> bool:
+        return time.monotonic() < self._disk_full_until
+
+    def note_disk_error(self, exc: BaseException) -> None:
+        """A full (or quota-limited) cache directory: serve without keeping for a while."""
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if not self.disk_full():
+                log.error(
+                    "cache: %s is full (%s): serving NARs without keeping them", self.root, exc
+                )
+            metrics.DISK_FULL.inc()
+            self._disk_full_until = time.monotonic() + DISK_FULL_BACKOFF_SECONDS
+
     # -- compression ---------------------------------------------------------------------------
     def start(self, info: PathInfo, fetch: Fetch | None = None) -> InFlight:
         """Start compressing ``info`` (or join the compression already running). With ``fetch``
@@ -203,6 +221,7 @@ class NarCache:
             job.done = True
             exc = f.exception()
             if exc is not None:
+                self.note_disk_error(exc)
                 job.error = exc
                 job.finished.set_exception(exc)
                 job.finished.exception()  # retrieved: a failed warm is logged by its caller
@@ -319,6 +338,23 @@ class NarCache:
             metrics.EVICTED.inc()
             log.info("cache: evicted %s", h)
         return removed
+
+
+async def stream_direct(path: str) -> AsyncIterator[bytes]:
+    """The compressed NAR of ``path`` made for this client alone, nothing written to disk (the
+    cache directory is full). The narinfo of a NAR not on disk carries no FileHash/FileSize, and
+    nix checks the NarHash of what it unpacks."""
+    comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+    chunks = nar.dump(path)
+
+    def step() -> bytes | None:
+        chunk = next(chunks, None)
+        return None if chunk is None else comp.compress(chunk)
+
+    while (data := await asyncio.to_thread(step)) is not None:
+        if data:
+            yield data
+    yield comp.flush()
 
 
 def open_inflight(job: InFlight) -> int:

@@ -37,6 +37,7 @@ from nixboot_cache.narcache import (
     NarMeta,
     NarMismatch,
     open_inflight,
+    stream_direct,
     stream_inflight,
 )
 from nixboot_cache.narinfo import STORE_DIR, NarInfo
@@ -354,10 +355,13 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
             return _bad("narinfo", "no such path", 404)
         svc._known[info.nar_hash32] = info.path
         meta = svc.nars.meta(info.nar_hash32)
-        if meta is None and svc.nars.inflight(info.nar_hash32) is None:
+        if meta is None and svc.nars.inflight(info.nar_hash32) is None and not svc.nars.disk_full():
             # Cold: answer now (FileHash is optional) and start compressing (or downloading
             # from the upstream), since the NAR request usually follows.
-            svc.start_nar(info)
+            try:
+                svc.start_nar(info)
+            except OSError as e:  # the cache directory is full: the NAR is served direct
+                svc.nars.note_disk_error(e)
         metrics.REQUESTS.labels("narinfo", "200").inc()
         return Response(svc.narinfo(info, meta), media_type="text/x-nix-narinfo")
 
@@ -383,7 +387,19 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
             info = svc.path_for_nar(h)
             if info is None:
                 return _bad("nar", "no such NAR", 404)
-            job = svc.start_nar(info)
+            try:
+                job = None if svc.nars.disk_full() else svc.start_nar(info)
+            except OSError as e:  # not even an empty temporary file fits
+                svc.nars.note_disk_error(e)
+            if job is None:
+                metrics.REQUESTS.labels("nar", "200").inc()
+                if request.method == "HEAD":
+                    return Response(media_type="application/x-nix-nar")
+                metrics.NAR_SERVED.labels("direct").inc()
+                return StreamingResponse(
+                    stream_direct(info.path),
+                    media_type="application/x-nix-nar",
+                )
         metrics.REQUESTS.labels("nar", "200").inc()
         if request.method == "HEAD":
             return Response(media_type="application/x-nix-nar")

@@ -35,6 +35,8 @@ OPTIONS = ("--state-dir", "--socket", "--spool-dir")
 ENV_PREFIXES_B = tuple(p.encode() for p in ENV_PREFIXES)
 SPOOL_SUFFIX = ".lease"
 MAGIC = b"nixboot-dhcp-hook/1"
+# Last field of a datagram whose call is also in the spool: the spool file's name.
+SPOOLED_KEY = b"NIXBOOT_SPOOLED="
 
 
 def default_state_dir(env: dict[str, str] | os._Environ[str]) -> str:
@@ -135,12 +137,22 @@ def main(argv: list[str] | None = None) -> int:
         opts, call = split_options(list(sys.argv[1:] if argv is None else argv))
         sock_path, spool_dir = destinations(opts, os.environ)
         payload = capture(call, os.environb, now)
+        # Spool first, then tell the service: a datagram it took but had not recorded when it
+        # was killed would be lost (measured: tests/faults, SIGKILL mid-storm). The service
+        # deletes the file once the change is recorded; otherwise its drain delivers it.
         try:
-            send(payload, sock_path)
+            where = spool(payload, spool_dir, now)
+        except OSError as e:
+            where = ""
+            log(f"cannot spool to {spool_dir} ({e.strerror}): sending only")
+        trailer = b"\0" + SPOOLED_KEY + os.path.basename(where).encode() if where else b""
+        try:
+            send(payload + trailer, sock_path)
             return 0
         except OSError as e:
             sent_error = e
-        where = spool(payload, spool_dir, now)
+        if not where:
+            raise sent_error
         log(f"service not reachable at {sock_path} ({sent_error.strerror}); spooled to {where}")
     except BaseException as e:  # never fail the DHCP server, whatever went wrong
         log(f"lease change lost: {type(e).__name__}: {e}")

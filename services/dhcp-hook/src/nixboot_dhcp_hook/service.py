@@ -306,12 +306,30 @@ class DhcpHookService:
 
             task.add_done_callback(done)
 
+    def _spooled_copy(self, payload: bytes) -> tuple[bytes, Path | None]:
+        """The payload without the hook's trailer, and the spool file that holds it too."""
+        head, sep, last = payload.rpartition(b"\0")
+        if not sep or not last.startswith(hook.SPOOLED_KEY):
+            return payload, None
+        name = last[len(hook.SPOOLED_KEY) :].decode(errors="replace")
+        if "/" in name or not name.endswith(hook.SPOOL_SUFFIX) or name.startswith("."):
+            bad_input("socket", f"bad spool name {name[:60]!r} in a hook datagram")
+            return head, None
+        return head, self.spool_dir / name
+
     async def _handle_or_spool(self, payload: bytes) -> None:
+        payload, spooled = self._spooled_copy(payload)
         try:
             if await self.handle_payload(payload):
+                if spooled is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        await asyncio.to_thread(spooled.unlink)  # recorded: the copy is spent
                 return
         except Exception:
             log.exception("lease payload failed: spooling it")
+        if spooled is not None:
+            SPOOLED.inc()  # the hook's copy stays in the spool; the drain delivers it
+            return
         # Same file format and naming as the hook's spool: drained in order later.
         call_ts = time.time()
         with contextlib.suppress(BadLease):

@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from nixboot_shared import bus, events, pins, security, subjects
+from nixboot_shared import metrics as shared_metrics
 from nixboot_shared.config import Config
 from nixboot_shared.records import Lease
 from nixboot_shared.service import ServiceContext, run
@@ -163,7 +164,9 @@ async def setup(ctx: ServiceContext, app: FastAPI) -> None:
         # Leases also arrive as events: the view learns them even before the KV record exists.
         try:
             ev = events.decode(msg.data)
-        except events.BadEvent:
+        except events.BadEvent as e:
+            log.error("rejected message on %s: %s", msg.subject, e)
+            shared_metrics.EVENTS_REJECTED.labels("tftp-leases").inc()
             return
         if isinstance(ev, events.LeaseSeen) and ev.mac and ev.lease_kind in ("new", "renew"):
             view.set_lease(Lease(mac=ev.mac, ip=ev.ip, hostname=ev.hostname, arch=ev.arch))
