@@ -164,15 +164,24 @@ class Nix:
         return out.decode()
 
     async def build(
-        self, flake: str, attr: str, on_update: LineHandler | None = None
+        self,
+        flake: str,
+        attr: str,
+        on_update: LineHandler | None = None,
+        out_link: Path | None = None,
     ) -> tuple[str, nixlog.BuildLog, list[str]]:
-        """Build the toplevel of ``attr``; stream parsed log updates to ``on_update``.
+        """Build the toplevel of ``attr``; stream parsed log updates to ``on_update``. With
+        ``out_link``, nix itself pins the result with that indirect GC root as it finishes (no
+        window in which a garbage collection could take it, no extra process).
         Returns (toplevel, final log state, log lines)."""
+        if out_link is not None:
+            out_link.parent.mkdir(parents=True, exist_ok=True)
+        link_args = ["--out-link", str(out_link)] if out_link is not None else ["--no-link"]
         proc = await asyncio.create_subprocess_exec(
             "nix",
             "build",
             "--json",
-            "--no-link",
+            *link_args,
             "--log-format",
             "internal-json",
             *option_args(self.options),
