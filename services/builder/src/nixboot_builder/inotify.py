@@ -73,7 +73,7 @@ def parse_events(buf: bytes) -> list[tuple[int, int, bytes]]:
 class TreeWatcher:
     """Sets ``changed`` whenever something under ``root`` changed (after ``settle`` quiet)."""
 
-    def __init__(self, root: Path, settle: float = 0.02) -> None:
+    def __init__(self, root: Path, settle: float = 0.01) -> None:
         self.root, self.settle = root, settle
         self.changed = asyncio.Event()
         self._libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
