@@ -9,7 +9,7 @@ VENV := $(ROOT)/.venv
 export UV_PYTHON := python3
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test deps apt uv sync lint typecheck pytest bench clean
+.PHONY: run test deps apt uv sync lint typecheck pytest bench-deps clean
 
 run: deps
 	@# Port 69 needs root; a normal user gets 6969 unless configured otherwise.
@@ -21,14 +21,21 @@ test: deps lint typecheck pytest
 deps: apt uv sync
 
 # Every deploy/packages/*.txt lists apt packages (one a line, # comments); install the missing ones.
+# Test peers (DHCP servers, tftpd-hpa, Prometheus) must not start as host daemons: while apt runs,
+# a policy-rc.d (unless the machine has one) forbids starting services; tests start their own.
 apt:
 	@pkgs=$$(sed 's/#.*//' $(ROOT)/deploy/packages/*.txt | tr -s ' \n' '\n' | sort -u | grep -v '^$$'); \
 	missing=$$(for p in $$pkgs; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "apt: installing" $$missing; \
+	  guard=; if [ ! -e /usr/sbin/policy-rc.d ]; then guard=1; \
+	    printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null; \
+	    $(SUDO) chmod 755 /usr/sbin/policy-rc.d; fi; \
 	  $(SUDO) apt-get -o DPkg::Lock::Timeout=600 update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    -o DPkg::Lock::Timeout=600 $$missing >/dev/null; \
+	    -o DPkg::Lock::Timeout=600 $$missing >/dev/null; rc=$$?; \
+	  if [ -n "$$guard" ]; then $(SUDO) rm -f /usr/sbin/policy-rc.d; fi; \
+	  exit $$rc; \
 	fi
 
 uv: $(UV)
@@ -48,6 +55,10 @@ typecheck:
 
 pytest:
 	$(VENV)/bin/pytest
+
+bench-deps: deps
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  -o DPkg::Lock::Timeout=600 nginx-light wrk tftpd-hpa >/dev/null
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

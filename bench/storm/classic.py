@@ -69,13 +69,28 @@ class ClassicStack:
             d.mkdir(parents=True, exist_ok=True)
 
     def publish_closure(self, toplevel: str, nix_env: dict[str, str]) -> None:
-        """`nix copy` the closure into nginx's root as a zstd file:// cache (what admins do)."""
+        """`nix copy` the closure into nginx's root as a signed zstd file:// cache, as admins do
+        (`nix copy --to 'file://…?compression=zstd&secret-key=…'`)."""
+        secret = self.root / "cache-key.sec"
+        if not secret.exists():
+            subprocess.run(
+                [
+                    "nix-store",
+                    "--generate-binary-cache-key",
+                    "classic-1",
+                    str(secret),
+                    str(self.root / "cache-key.pub"),
+                ],
+                check=True,
+                env=nix_env,
+            )
+        url = f"file://{self.www}?compression=zstd&secret-key={secret}"
         subprocess.run(
-            ["nix", "copy", "--to", f"file://{self.www}?compression=zstd", toplevel],
-            check=True,
-            env=nix_env,
-            capture_output=True,
+            ["nix", "copy", "--to", url, toplevel], check=True, env=nix_env, capture_output=True
         )
+
+    def public_key(self) -> str:
+        return (self.root / "cache-key.pub").read_text().strip()
 
     def add_boot_file(self, url_path: str, source: Path) -> None:
         dest = self.www / url_path

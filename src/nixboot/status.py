@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import httpx
@@ -41,7 +42,9 @@ async def _nats_state(cfg: Config) -> dict[str, Any]:
                 buckets[bucket] = {"error": str(e) or type(e).__name__}
         return {"url": embedded_url(cfg), "connected": True, "streams": streams, "buckets": buckets}
     finally:
+        logging.disable(logging.WARNING)  # our own close is not a disconnect worth a warning
         await nc.close()
+        logging.disable(logging.NOTSET)
 
 
 def collect(cfg: Config) -> dict[str, Any]:

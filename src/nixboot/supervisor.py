@@ -106,6 +106,7 @@ class Supervisor:
     children: list[Child] = field(default_factory=list)
     nats: subprocess.Popen[bytes] | None = None
     stopping: bool = False
+    announced: bool = False
 
     def start_nats(self) -> str:
         if self.cfg.nats.url:
@@ -166,6 +167,17 @@ class Supervisor:
                 child.healthy = ok
                 state = "healthy" if ok else "unhealthy"
                 self.say(f"{child.name}: {state} (pid {child.proc.pid}) {self.where(child.name)}")
+        if not self.announced and all(c.healthy for c in self.children):
+            self.announced = True
+            self.say(self.ready_hint())
+
+    def ready_hint(self) -> str:
+        cache = self.cfg.cache.public_url
+        return (
+            "ready. Register a PC: `nixboot machines add 52:54:00:12:34:56 pc-01 demo`; its menu: "
+            f"tftp://<this host>:{self.cfg.tftp.port}/pxelinux.cfg/01-52-54-00-12-34-56 or "
+            f"{cache}/ipxe/52:54:00:12:34:56; status page {cache}/; `nixboot status` for health."
+        )
 
     def stop(self) -> None:
         self.stopping = True

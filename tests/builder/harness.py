@@ -19,14 +19,7 @@ import nats
 from nats.aio.client import Client
 
 from nixboot_shared import events
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import free_port
 
 
 class BuilderProcess:

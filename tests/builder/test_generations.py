@@ -57,3 +57,14 @@ def test_local_flake_dir_and_stamp(tmp_path: Path) -> None:
     assert tree_stamp(tmp_path) == before
     (tmp_path / "flake.nix").write_text("{ }")
     assert tree_stamp(tmp_path) != before
+
+
+def test_closure_size_is_filled_in_once() -> None:
+    record = MachineGenerations(mac="52:54:00:00:00:01")
+    for name in ("a", "b"):
+        record = generations.add_build(record, gen(name), keep=5).record
+    filled = generations.set_closure_size(record, "b", 4096)
+    assert [(g.toplevel, g.closure_size) for g in filled.generations] == [("a", 0), ("b", 4096)]
+    # Already measured, or another toplevel: the very same record (no KV write follows).
+    assert generations.set_closure_size(filled, "b", 1) is filled
+    assert generations.set_closure_size(filled, "zzz", 1) is filled

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from nixboot_builder import demo, nixlog
-from nixboot_builder.nix import InvalidAttr, Nix, NixError, read_boot_files, toplevel_installable
+from nixboot_builder.nix import (
+    InvalidAttr,
+    Nix,
+    NixError,
+    path_flake_dir,
+    read_boot_files,
+    toplevel_installable,
+)
 
 
 def test_log_parser_counts_derivations_and_names_current() -> None:
@@ -68,6 +75,36 @@ async def test_build_reads_nixos_layout_and_reports_progress(flake_dir: Path) ->
     assert await nix.flake_fingerprint(flake) == fp
     demo.set_knob(flake_dir, "kernelParams", "quiet")
     assert await nix.flake_fingerprint(flake) != fp
+
+
+async def test_path_flake_fingerprint_is_nix_narhash(flake_dir: Path) -> None:
+    """The in-process NAR hash of a path: flake equals what `nix flake metadata` reports, for
+    every kind of node a flake holds (executables, symlinks, empty and nested directories, file
+    lengths that need NAR padding)."""
+    nix = Nix()
+    flake = f"path:{flake_dir}"
+    assert path_flake_dir(flake) == flake_dir
+    assert await nix.flake_fingerprint(flake) == await nix.nix_flake_fingerprint(flake)
+    extra = flake_dir / "extra" / "deeper"
+    extra.mkdir(parents=True)
+    (flake_dir / "extra" / "empty").mkdir()
+    (extra / "odd").write_bytes(b"abc")
+    (extra / "eight").write_bytes(b"12345678")
+    (extra / "nothing").write_bytes(b"")
+    (extra / "run").write_text("#!/bin/sh\n")
+    (extra / "run").chmod(0o755)
+    (extra / "link").symlink_to("../../knobs.nix")
+    (extra / "dangling").symlink_to("/nonexistent/x")
+    (extra / "B-upper").write_text("sorted before a-lower in byte order")
+    (extra / "a-lower").write_text("x")
+    fast = await nix.flake_fingerprint(flake)
+    assert fast == await nix.nix_flake_fingerprint(flake)
+    (extra / "odd").write_bytes(b"abd")
+    assert await nix.flake_fingerprint(flake) != fast
+    # Not a plain path: flake (query, git, missing flake.nix): left to nix.
+    assert path_flake_dir(f"{flake}?dir=x") is None
+    assert path_flake_dir(f"git+file://{flake_dir}") is None
+    assert path_flake_dir(f"path:{flake_dir / 'extra'}") is None
 
 
 async def test_build_failure_and_missing_attr(flake_dir: Path) -> None:

@@ -101,6 +101,8 @@ async def test_generations_shared_build_changed_paths_and_gc_roots(
         await build_and_wait(b, evlog, {"machines": ["pc-a"]})
         roots = b.state_dir / "gcroots" / "52-54-00-00-00-0a"
         assert sorted(p.name for p in roots.iterdir()) == ["2", "3"]
+        # The per-build roots nix made are let go once the numbered roots exist.
+        assert list((b.state_dir / "building").iterdir()) == []
         async with b.client() as http:
             g = (await http.get("/machines/pc-a/generations")).json()
         assert [x["number"] for x in g["generations"]] == [3, 2]

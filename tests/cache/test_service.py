@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nixboot_cache import narinfo, signing
 from nixboot_shared import bus, events, menu, security, subjects
 from nixboot_shared.records import Generation, MachineGenerations
-from tests.cache.cache_helpers import CacheServer, NixFixture
+from tests.cache.cache_helpers import CacheServer, NixFixture, start_cache, stop_cache
 
 MAC = "52:54:00:12:34:56"
 
@@ -304,3 +304,72 @@ async def test_raw_traversal_huge_range_and_head(
 
 def _get(server: CacheServer, path: str) -> httpx.Response:
     return httpx.get(server.url + path)
+
+
+UNKNOWN = "52:54:00:99:00:07"
+
+
+async def _unknown_menu(
+    http: httpx.AsyncClient, want: str, timeout: float = 10.0, mac: str = UNKNOWN
+) -> str:
+    """The iPXE menu of ``mac`` (an unregistered one), once its default is ``want``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        r = await http.get(f"/ipxe/{mac}")
+        assert r.status_code == 200
+        if f"choose --default {want} " in r.text:
+            return r.text
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(r.text)
+        await asyncio.sleep(0.05)
+
+
+async def test_unknown_machine_gets_the_fallback_or_only_the_local_disk(
+    nixfx: NixFixture, nats_url: str, nc: Client, tmp_path: Path
+) -> None:
+    """The builder keeps the fallback configuration's generations under the key
+    ``subjects.FALLBACK_KEY``: with ``fallback_attr`` set, unregistered MACs get them (its pins
+    never apply); without it, the local-disk entry only. (One cache at a time: they share the
+    warming consumer.)"""
+    kv = (await bus.bootstrap(nc.jetstream()))[subjects.KV_GENERATIONS]
+    g1, g2 = nixfx.gen1, nixfx.gen2
+    fb = MachineGenerations(
+        mac=subjects.FALLBACK_KEY,
+        generations=[
+            generation(g1.toplevel, g1.kernel, g1.initrd, 1),
+            generation(g2.toplevel, g2.kernel, g2.initrd, 2),
+        ],
+        next_boot=1,  # a stray pin on the record: not the fallback's business
+    )
+    await kv.put(subjects.FALLBACK_KEY, msgspec.json.encode(fb))
+    await put_generations(nc, nixfx, pinned=1)
+    menus, sub = await collect(nc, "menu")
+    server = start_cache(tmp_path / "fb", nats_url, extra_env={"NIXBOOT_FALLBACK_ATTR": "demo"})
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            text = await _unknown_menu(http, "gen-2")
+            assert text.index(":gen-2") < text.index(":gen-1") < text.index(":local")
+            assert f"nixboot.mac={UNKNOWN}" in text
+            # the kernel of a fallback generation is served like any other
+            top = menu.store_hash(g2.toplevel)
+            assert (await http.head(f"/boot/{top}/kernel")).status_code == 200
+            # a registered machine keeps its own generations (and its pin)
+            r = await http.get(f"/ipxe/{MAC}")
+            assert "choose --default gen-1 " in r.text
+    finally:
+        stop_cache(server)
+    server = start_cache(tmp_path / "nofb", nats_url, extra_env={"NIXBOOT_FALLBACK_ATTR": ""})
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            await _unknown_menu(http, "gen-1", mac=MAC)  # the KV watch has the records
+            text = await _unknown_menu(http, "local")
+            assert ":gen-" not in text and "item local" in text
+    finally:
+        stop_cache(server)
+    await wait_for(lambda: len(menus) >= 4)
+    await sub.unsubscribe()
+    by = [(m.mac, m.fallback, m.default_generation, m.generations) for m in menus]  # type: ignore[union-attr]
+    assert (UNKNOWN, True, 2, [2, 1]) in by, by
+    assert (MAC, False, 1, [2, 1]) in by, by
+    assert (UNKNOWN, True, None, []) in by, by
+    assert all(m.fallback for m in menus if m.mac == UNKNOWN)

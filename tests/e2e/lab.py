@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 SUBNET = "10.213.0"
 SERVER_IP = f"{SUBNET}.1"
 IPXE_ROM_DIR = Path("/usr/lib/ipxe/qemu")
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 DNSMASQ_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "dhcp" / "dnsmasq.conf"
 
 
@@ -184,11 +187,36 @@ class Lab:
 
     # ------------------------------------------------------------------ VMs
     def boot(
-        self, name: str, mac: str, disk: Path, timeout: float, markers: Sequence[str] = ()
+        self,
+        name: str,
+        mac: str,
+        disk: Path,
+        timeout: float,
+        markers: Sequence[str] = (),
+        uefi: bool = False,
     ) -> BootResult:
-        """PXE-boot a BIOS VM (iPXE ROM) from the bridge; return when it powers off."""
+        """PXE-boot a VM from the bridge; return when it powers off.
+
+        BIOS: SeaBIOS runs the NIC's iPXE ROM. ``uefi``: OVMF (q35, read-only code flash and a
+        private copy of the variable store) with the NIC's option ROM disabled, so the
+        firmware's own PXE stack fetches the boot program (snponly.efi) over TFTP."""
         console = self.work / f"{name}.console.log"
         console.write_text("")
+        if uefi:
+            vars_copy = self.work / f"{name}.OVMF_VARS.fd"
+            shutil.copyfile(OVMF_VARS, vars_copy)
+            firmware = [
+                "-machine",
+                "q35",
+                "-drive",
+                f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                "-drive",
+                f"if=pflash,format=raw,unit=1,file={vars_copy}",
+            ]
+            nic_rom = ",romfile="
+        else:
+            firmware = ["-boot", "n"]
+            nic_rom = ""
         argv = [
             "qemu-system-x86_64",
             "-accel",
@@ -206,12 +234,11 @@ class Lab:
             "-netdev",
             f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
             "-device",
-            f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1",
+            f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1{nic_rom}",
             "-drive",
             f"file={disk},if=virtio,format={'qcow2' if disk.suffix == '.qcow2' else 'raw'},"
             "cache=unsafe",
-            "-boot",
-            "n",
+            *firmware,
         ]
         t0 = time.monotonic()
         p = self.spawn(argv, self.work / f"{name}.qemu.out")

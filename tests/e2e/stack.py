@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import nixboot_dhcp_hook.hook
+import nixboot_dhcp_hook.service
 from tests.e2e import closure
 from tests.e2e.initrd import TestBootFiles
 from tests.e2e.lab import SERVER_IP, Lab
@@ -35,6 +36,7 @@ BUILDER_PORT = 8081
 DHCP_HOOK_PORT = 8082
 TFTP_HTTP_PORT = 8083
 MACHINE_NAME = "vm1"
+FALLBACK_ATTR = "e2e-fallback"  # tests/e2e/flake: what unregistered MACs boot
 
 HOOK_TEMPLATE = REPO / "deploy" / "dhcp" / "nixboot-dhcp-hook.sh"
 SYSTEM_PYTHON = "/usr/bin/python3"  # what a DHCP server's host runs the hook with
@@ -109,6 +111,11 @@ class RealStack:
     def restart_dhcp(self, pxelinux: bool) -> None:
         self.lab.stop_dnsmasq()
         self.lab.start_dnsmasq(self.url, self.hook, pxelinux=pxelinux)
+        # dnsmasq replays its lease file through the hook at start-up ("old"); the dhcp-hook
+        # publishes that as a renewal, and takes the VM's real REQUEST within
+        # RETRANSMIT_SECONDS of it for a retransmit (no lease event for that boot). Let that
+        # window pass, as a lab's DHCP server is not restarted right before a boot.
+        time.sleep(nixboot_dhcp_hook.service.RETRANSMIT_SECONDS + 0.5)
 
     def _render_hook(self) -> Path:
         """deploy/dhcp/nixboot-dhcp-hook.sh, filled in as an install would."""
@@ -129,6 +136,7 @@ class RealStack:
             f"""state_dir = "{self.state}"
 log_level = "INFO"
 menu_timeout_seconds = 1
+fallback_attr = "{FALLBACK_ATTR}"
 
 [nats]
 url = "{self.nats_url}"
@@ -218,6 +226,21 @@ attr = "{closure.ATTR}"
             newest["number"], newest["toplevel"], closure.path_sizes(self.work, newest["toplevel"])
         )
 
+    def build_all(self) -> None:
+        """``nixboot build --all --follow``: every machine's configuration and the fallback."""
+        self.nixboot("build", "--all", "--follow")
+
+    def timeline(self, mac: str) -> dict[str, Any]:
+        """GET <cache>/boots/<mac>/timeline (the cache's boot tracker), from the namespace."""
+        proc = subprocess.run(
+            self.lab.exec_argv(["curl", "-sS", "-m", "5", f"{self.url}/boots/{mac}/timeline"]),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        data: dict[str, Any] = json.loads(proc.stdout)
+        return data
+
     def generations(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.nixboot("generations", MACHINE_NAME, "--json"))
         return data
@@ -226,11 +249,12 @@ attr = "{closure.ATTR}"
         self.nixboot("pin", MACHINE_NAME, str(number), "--once")
 
     # ------------------------------------------------------------------ observations
-    def events(self, since_seq: int = 0) -> list[dict[str, Any]]:
-        """This machine's events from JetStream, in stream order, after ``since_seq``."""
+    def events(self, since_seq: int = 0, mac: str | None = None) -> list[dict[str, Any]]:
+        """A machine's events (default: the VM's) from JetStream, in stream order, after
+        ``since_seq``."""
         proc = subprocess.run(
             self.lab.exec_argv(
-                [sys.executable, "-m", "tests.e2e.eventlog", self.nats_url, self.mac]
+                [sys.executable, "-m", "tests.e2e.eventlog", self.nats_url, mac or self.mac]
             ),
             capture_output=True,
             text=True,
@@ -241,8 +265,8 @@ attr = "{closure.ATTR}"
         rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
         return [r for r in rows if r["seq"] > since_seq]
 
-    def last_seq(self) -> int:
-        rows = self.events()
+    def last_seq(self, mac: str | None = None) -> int:
+        rows = self.events(mac=mac)
         return rows[-1]["seq"] if rows else 0
 
     def metric(self, name: str, labels: str = "") -> float:

@@ -23,6 +23,7 @@ from tests.e2e.lab import BootResult, console_lines, new_disk
 BOOT_TIMEOUT = 120.0  # per boot (TCG, a shared 2-core machine); a boot takes ~15-25 s here
 MARKERS = ("NIXBOOT-INITRD", "NIXBOOT-STAGE2", "NIXBOOT-BOOTED")
 ARTIFACTS = Path("/tmp/nixboot-e2e-artifacts")
+SNPONLY = "/usr/lib/ipxe/snponly.efi"
 STAGE_ORDER = ["stage1", "disk", "closure", "stage2", "booted"]
 NAR_BYTES = "nixboot_cache_nar_bytes_total"
 
@@ -32,11 +33,11 @@ _state: dict[str, Any] = {}
 class Boot:
     """One boot as the event stream tells it: the menu the VM booted from and its reports."""
 
-    def __init__(self, result: BootResult, evts: list[dict[str, Any]]) -> None:
+    def __init__(self, result: BootResult, evts: list[dict[str, Any]], mac: str = MAC) -> None:
         self.result = result
         self.events = evts
         menus = [e for e in evts if e["type"] == "menu"]
-        assert menus, f"no menu served for {MAC}: {[e['type'] for e in evts]}"
+        assert menus, f"no menu served for {mac}: {[e['type'] for e in evts]}"
         self.menu = menus[-1]
         self.boot_id: str = self.menu["boot_id"]
         self.reports = [
@@ -58,10 +59,19 @@ def _disk(e2e: E2E) -> Path:
     return path
 
 
-def _boot(e2e: E2E, name: str, expect_generation: int, disk: Path | None = None) -> Boot:
-    seq0 = e2e.stack.last_seq()
+def _boot(
+    e2e: E2E,
+    name: str,
+    expect_generation: int | None,
+    disk: Path | None = None,
+    *,
+    uefi: bool = False,
+    mac: str = MAC,
+    expect_version: str | None = None,
+) -> Boot:
+    seq0 = e2e.stack.last_seq(mac)
     t0 = time.time()
-    result = e2e.lab.boot(name, MAC, disk or _disk(e2e), BOOT_TIMEOUT, MARKERS)
+    result = e2e.lab.boot(name, mac, disk or _disk(e2e), BOOT_TIMEOUT, MARKERS, uefi=uefi)
     ok = result.has("NIXBOOT-BOOTED") and not result.timed_out
     if not ok:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -70,11 +80,14 @@ def _boot(e2e: E2E, name: str, expect_generation: int, disk: Path | None = None)
         f"{name} did not boot (timed out: {result.timed_out}); console kept in "
         f"{ARTIFACTS / (name + '.console.log')}:\n{result.console[-3000:]}"
     )
-    boot = Boot(result, e2e.stack.events(seq0))
+    boot = Boot(result, e2e.stack.events(seq0, mac), mac)
     _print_timeline(name, t0, boot)
     stage2 = console_lines(result.console, "NIXBOOT-STAGE2")
-    assert stage2 and f"version=e2e-v{expect_generation}" in stage2[0], stage2
-    assert boot.menu["default_generation"] == expect_generation, boot.menu
+    version = expect_version or f"e2e-v{expect_generation}"
+    assert stage2 and f"version={version}" in stage2[0], stage2
+    if expect_generation is not None:
+        assert boot.menu["default_generation"] == expect_generation, boot.menu
+    assert boot.menu["fallback"] == (mac != MAC), boot.menu
     return boot
 
 
@@ -113,6 +126,13 @@ def _stages_in_order(boot: Boot) -> None:
     assert firsts == sorted(firsts), f"stages out of order: {seen}"
 
 
+def _granted(lease: dict[str, Any]) -> float:
+    """When the DHCP server granted a lease: its own clock when the hook had it, else when the
+    hook ran."""
+    ts: float = lease.get("server_ts") or lease["ts"]
+    return ts
+
+
 def _served_nar_bytes(e2e: E2E) -> float:
     return e2e.stack.metric(NAR_BYTES)
 
@@ -132,13 +152,47 @@ def test_first_boot_partitions_fetches_and_boots(e2e: E2E) -> None:
     assert 0 < served < closure["bytes"]
     # The machine's story in JetStream, in order: lease, menu, stage reports stage1..booted,
     # all of one boot id (the menu's, carried on the kernel command line).
+    # The lease script runs in parallel with the boot (and the dhcp-hook is a Python start-up
+    # on a loaded machine): JetStream may store the lease after the menu. The DHCP server's own
+    # clock (server_ts, whole seconds) says when the lease was granted.
     kinds = [e["type"] for e in boot.events]
-    assert "lease" in kinds and kinds.index("lease") < kinds.index("menu"), kinds
+    assert "lease" in kinds, kinds
+    assert _granted(boot.events[kinds.index("lease")]) <= boot.menu["ts"], boot.events
     after_menu = boot.events[kinds.index("menu") :]
     stages = [e["stage"] for e in after_menu if e["type"] == "stage"]
     assert [s for s in stages if s in STAGE_ORDER][:1] == ["stage1"], stages
     assert {e["boot_id"] for e in after_menu if e["type"] == "stage"} == {boot.boot_id}
     assert all(e["mac"] == MAC for e in boot.events)
+    _timeline_shows(e2e, boot)
+
+
+# The cache's boot tracker (nixboot_cache.timeline): stages it measures on the BIOS iPXE path.
+# "dhcp" and "bootloader" end at a boot program fetched over TFTP, which the NIC's iPXE ROM
+# does not need (it asks the cache for boot.ipxe right after DHCP): not measured on this path.
+IPXE_TIMELINE = ["menu", "kernel", "initrd", "stage1", "closure", "activation"]
+
+
+def _timeline_shows(e2e: E2E, boot: Boot) -> None:
+    """GET <cache>/boots/<mac>/timeline: this boot, booted, every stage in order, one boot id."""
+    deadline = time.monotonic() + 15
+    while True:  # the tracker consumes the stream asynchronously
+        sessions = e2e.stack.timeline(MAC)["boots"]
+        last = sessions[-1] if sessions else {}
+        if last.get("result") == "booted" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    print(f"   timeline: {[(s['stage'], round(s['seconds'], 2)) for s in last['stages']]}")
+    assert last["boot_id"] == boot.boot_id and last["result"] == "booted", last
+    stages = [s["stage"] for s in last["stages"]]
+    assert stages == IPXE_TIMELINE, stages
+    starts = [s["start"] for s in last["stages"]]
+    assert starts == sorted(starts), last["stages"]
+    assert all(s["end"] >= s["start"] for s in last["stages"]), last["stages"]
+    ids = {e["boot_id"] for e in last["events"] if e.get("boot_id")}
+    assert ids == {boot.boot_id}, ids
+    kinds = {e["type"] for e in last["events"]}
+    assert {"lease", "menu", "boot-file", "stage"} <= kinds, kinds
+    assert last["seconds"] is not None and last["seconds"] > 0, last
 
 
 def test_second_boot_keeps_disk_and_store(e2e: E2E) -> None:
@@ -200,7 +254,9 @@ def test_pxelinux_path_one_shot_rollback(e2e: E2E) -> None:
         first_program = next(
             i for i, e in enumerate(boot.events) if e.get("file_kind") == "boot-program"
         )
-        assert kinds.index("lease") < first_program < kinds.index("menu"), kinds
+        assert first_program < kinds.index("menu"), kinds
+        lease = boot.events[kinds.index("lease")]
+        assert _granted(lease) <= boot.events[first_program]["ts"], boot.events
         menu_files = [
             e for e in boot.events if e["type"] == "boot-file" and e["file_kind"] == "menu"
         ]
@@ -223,3 +279,61 @@ def test_disk_with_another_layout_is_repartitioned(e2e: E2E) -> None:
     assert "partition table is 'dos', declared 'gpt'" in disk["detail"], disk
     dump = subprocess.run(["sfdisk", "-d", str(raw)], capture_output=True, text=True, check=True)
     assert "label: gpt" in dump.stdout and 'name="nixboot"' in dump.stdout, dump.stdout
+
+
+def test_uefi_firmware_pxe_snponly_then_ipxe_over_http(e2e: E2E) -> None:
+    """OVMF's own PXE (no NIC option ROM): DHCP says snponly.efi (client arch 7, the shipped
+    dnsmasq config), fetched from nixboot's TFTP service (OVMF asks windowsize=4); iPXE then
+    gets the cache's boot.ipxe (user class iPXE), its menu and kernel/initrd over HTTP (the EFI
+    stub needs ``initrd=<name>`` on the command line). Not observed here: the TFTP options
+    OVMF negotiated (the service does not report them)."""
+    boot = _boot(e2e, "boot8-uefi", expect_generation=2, uefi=True)
+    _stages_in_order(boot)
+    console = boot.result.console
+    assert 'starting Boot0001 "UEFI PXEv4' in console, console[:2000]
+    assert "EFI stub: Loaded initrd from command line option" in console
+    leases = [e for e in boot.events if e["type"] == "lease"]
+    assert leases and leases[0]["arch"] == "uefi-x64", leases
+    files = [
+        (e["file_kind"], e["file"], e["protocol"], e["result"])
+        for e in boot.events
+        if e["type"] == "boot-file"
+    ]
+    assert ("boot-program", "snponly.efi", "tftp", "ok") in files, files
+    # OVMF first asks for the size (tsize) and aborts that transfer, then fetches the file.
+    snp = [e for e in boot.events if e["type"] == "boot-file" and e["file"] == "snponly.efi"]
+    ok = [e for e in snp if e["result"] == "ok"]
+    assert len(ok) == 1 and ok[0]["bytes"] == Path(SNPONLY).stat().st_size, snp
+    assert boot.menu["format"] == "ipxe", boot.menu
+    # On this path the lease script runs in the same millisecond as OVMF's first TFTP request,
+    # so JetStream may store them either way round: order by the events' own times.
+    assert _granted(leases[0]) <= ok[0]["ts"] < boot.menu["ts"], (leases, snp, boot.menu)
+    http_files = {(f[0], f[2]) for f in files}
+    assert {("kernel", "http"), ("initrd", "http")} <= http_files, files
+
+
+UNKNOWN_MAC = "52:54:00:13:00:99"
+
+
+def test_unknown_machine_boots_the_fallback(e2e: E2E) -> None:
+    """An unregistered MAC gets the deployment's fallback configuration (fallback_attr, built by
+    ``nixboot build --all``): its menu, its system (version e2e-fallback), and the event stream
+    says so (MenuServed.fallback); the registered machine's generations are untouched."""
+    before = e2e.stack.generations()
+    e2e.stack.build_all()
+    boot = _boot(
+        e2e,
+        "boot9-unknown",
+        expect_generation=None,
+        mac=UNKNOWN_MAC,
+        expect_version="e2e-fallback",
+    )
+    assert boot.menu["fallback"] is True and boot.menu["generations"], boot.menu
+    assert boot.menu["mac"] == UNKNOWN_MAC
+    _stages_in_order(boot)
+    assert all(r["mac"] == UNKNOWN_MAC for r in boot.reports)
+    assert any(e["type"] == "lease" for e in boot.events), boot.events
+    after = e2e.stack.generations()
+    assert [g["number"] for g in after["generations"]] == [
+        g["number"] for g in before["generations"]
+    ], (before, after)

@@ -40,6 +40,15 @@ def test_machines_are_normalised(tmp_path: Path) -> None:
         ("", {"NIXBOOT_NOPE": "1"}, "unknown field `nope`"),
         ('[[machines]]\nmac = "52:54"\nname = "x"\nattr = "y"\n', {}, "machines[0].mac"),
         ("log_level = 'LOUD'\n", {}, "log_level"),
+        ("[cache]\nupstream_url = 'http://up:8080'\n", {}, "set both or neither"),
+        ("", {"NIXBOOT_CACHE__UPSTREAM_PUBLIC_KEY": "k:AAAA"}, "set both or neither"),
+        ("[cache]\nupstream_url = 'ftp://x'\nupstream_public_key = 'k:A'\n", {}, "http(s)"),
+        ("[cache]\ninstance = 'room b'\n", {}, "cache.instance"),
+        (
+            "[cache]\nupstream_url = 'http://u'\nupstream_public_key = 'k:AAAA'\n",
+            {},
+            "cache.upstream_public_key: expected",
+        ),
     ],
 )
 def test_bad_config_names_the_key(
@@ -60,3 +69,15 @@ def test_a_partial_listen_table_keeps_the_service_defaults(tmp_path: Path) -> No
     assert (cfg.cache.http.host, cfg.cache.http.port) == ("0.0.0.0", 9080)
     cfg = load(write(tmp_path, ""), environ={"NIXBOOT_TFTP__HTTP__HOST": "10.0.0.1"})
     assert (cfg.tftp.http.host, cfg.tftp.http.port) == ("10.0.0.1", 8083)
+
+
+def test_cache_upstream_and_instance(tmp_path: Path) -> None:
+    text = (
+        "[cache]\nupstream_url = 'http://up:8080'\n"
+        "upstream_public_key = 'nixboot-1:6fQ2AmkGQF0tfMBQ5T1GB3g0JgQWq2Fc8QjYYpXB2xU='\n"
+        "instance = 'room-b'\n[timeline]\nenabled = false\n"
+    )
+    cfg = load(write(tmp_path, text), environ={})
+    assert (cfg.cache.upstream_url, cfg.cache.instance) == ("http://up:8080", "room-b")
+    assert cfg.timeline.enabled is False
+    assert load(write(tmp_path, ""), environ={}).timeline.enabled is True

@@ -47,3 +47,21 @@ def test_mac_tokens(raw: str, token: str) -> None:
 def test_invalid_macs(bad: str) -> None:
     with pytest.raises(subjects.InvalidMac):
         subjects.normalize_mac(bad)
+
+
+def test_kernel_cmdline_mac_forms() -> None:
+    from nixboot_shared import menu
+    from nixboot_shared.records import Generation
+
+    gen = Generation(
+        number=1,
+        toplevel="/nix/store/x-t",
+        kernel="k",
+        initrd="i",
+        kernel_params="quiet",
+        init="/i",
+    )
+    params = menu.BootParams(cache_url="http://c", public_key="k:1", boot_id="b", boot_token="t")
+    assert "nixboot.mac=52:54:00:aa:bb:cc" in menu.kernel_cmdline(gen, params, "52-54-00-AA-BB-CC")
+    unknown = menu.kernel_cmdline(gen, params, "unknown")
+    assert "nixboot.mac" not in unknown and unknown.startswith("init=/i quiet ")

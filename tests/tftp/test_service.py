@@ -252,12 +252,40 @@ async def test_hex_ip_default_and_fallback(
         # Unknown machines: the fallback attribute's generations.
         menu = svc.get("pxelinux.cfg/default")
         assert "rendered for unknown" in menu
+        assert "nixboot.mac=" not in menu  # no MAC known: stage 1 reports without one
         assert labels(menu) == ["gen-8", "gen-7", "local"] and default(menu) == "gen-8"
         menu = svc.get("pxelinux.cfg/01-52-54-00-00-00-99")
         assert "rendered for 52-54-00-00-00-99" in menu and default(menu) == "gen-8"
         # UUID names and other hardware types: not found.
         uuid = "pxelinux.cfg/564d1d52-8c43-4e3a-b6a5-b2c6f28b4a01"
         assert raw_get(svc.port, uuid).error[0] == 1  # type: ignore[index]
+    finally:
+        svc.stop()
+
+
+async def test_unknown_machine_boots_the_builders_fallback_record(
+    tmp_path: Path, nats_server: NatsServer, clean_env: dict[str, str], kv: dict[str, KeyValue]
+) -> None:
+    """The builder records the fallback configuration under ``subjects.FALLBACK_KEY`` (not a
+    MAC): unknown machines get those generations (never its pins); registered machines keep
+    theirs. Without ``fallback_attr``, unknown machines get the local disk only."""
+    fb = MachineGenerations(mac=subjects.FALLBACK_KEY, generations=[gen(20), gen(21)], pinned=20)
+    await kv[subjects.KV_GENERATIONS].put(subjects.FALLBACK_KEY, msgspec.json.encode(fb))
+    await put_gens(kv, MAC, MachineGenerations(mac=MAC, generations=[gen(3)]))
+    unknown = "pxelinux.cfg/01-52-54-00-00-00-99"
+    (tmp_path / "a").mkdir()
+    svc = TftpService(tmp_path / "a", nats_server.url, clean_env, fallback="fallback-sys")
+    try:
+        await eventually(lambda: _must(default(svc.get(unknown)), "gen-21"))
+        assert labels(svc.get(unknown)) == ["gen-21", "gen-20", "local"]
+        assert default(svc.get(f"pxelinux.cfg/01-{TOKEN}")) == "gen-3"
+    finally:
+        svc.stop()
+    (tmp_path / "b").mkdir()
+    svc = TftpService(tmp_path / "b", nats_server.url, clean_env)
+    try:
+        await eventually(lambda: _must(default(svc.get(f"pxelinux.cfg/01-{TOKEN}")), "gen-3"))
+        assert labels(svc.get(unknown)) == ["local"] and default(svc.get(unknown)) == "local"
     finally:
         svc.stop()
 

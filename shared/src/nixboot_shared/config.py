@@ -9,7 +9,10 @@ message naming the key.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -83,6 +86,15 @@ class CacheConfig(_Section):
     key_name: str = "nixboot-1"
     # A compressed NAR used this recently is never evicted (a client may be about to fetch it).
     evict_grace_seconds: float = 5.0
+    # Another nixboot cache (or any Nix binary cache with zstd NARs) to fill this one from, for
+    # an instance on a host without the builder's Nix store; empty: serve the local store.
+    upstream_url: str = ""
+    # The upstream's public key (`name:base64`, what `nixboot cache key` prints there): every
+    # narinfo taken from the upstream must carry a valid signature by it.
+    upstream_public_key: str = ""
+    # Distinguishes cache instances sharing one NATS: each gets its own durable lease consumer
+    # (`nixboot-cache-warm-<instance>`) so every instance warms; empty: `nixboot-cache-warm`.
+    instance: str = ""
 
 
 class BuilderConfig(_Section):
@@ -116,6 +128,8 @@ class TimelineConfig(_Section):
     keep_sessions: int = 5
     # How often abandoned and settled sessions are looked for.
     tick_seconds: float = 5.0
+    # One tracker writes the boots bucket: with several cache instances, enable it in one.
+    enabled: bool = True
 
 
 class MachineEntry(_Section):
@@ -177,6 +191,14 @@ def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
         node[path[-1]] = _parse_env_value(raw)
 
 
+def _is_public_key(text: str) -> bool:
+    name, sep, b64 = text.strip().partition(":")
+    try:
+        return bool(sep and name) and len(base64.b64decode(b64, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False
+
+
 def _validate(cfg: Config) -> None:
     from nixboot_shared.subjects import InvalidMac, normalize_mac
 
@@ -198,6 +220,22 @@ def _validate(cfg: Config) -> None:
     ):
         if listen.server not in ("uvicorn", "granian"):
             raise ConfigError(f"{section}.server: {listen.server!r} is not uvicorn or granian")
+    if bool(cfg.cache.upstream_url) != bool(cfg.cache.upstream_public_key):
+        raise ConfigError(
+            "cache.upstream_url and cache.upstream_public_key: set both or neither "
+            "(narinfos from an upstream are accepted only with its signature)"
+        )
+    if cfg.cache.upstream_url and not cfg.cache.upstream_url.startswith(("http://", "https://")):
+        raise ConfigError(f"cache.upstream_url: {cfg.cache.upstream_url!r} is not an http(s) URL")
+    if cfg.cache.upstream_public_key and not _is_public_key(cfg.cache.upstream_public_key):
+        raise ConfigError(
+            "cache.upstream_public_key: expected Nix's `name:base64` of a 32-byte ed25519 key "
+            "(what `nixboot cache key` prints on the upstream)"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_-]{0,64}", cfg.cache.instance):
+        raise ConfigError(
+            f"cache.instance: {cfg.cache.instance!r} must match [A-Za-z0-9_-]{{0,64}}"
+        )
     if cfg.builder.keep_generations < 1:
         raise ConfigError("builder.keep_generations: must be at least 1")
     if cfg.timeline.keep_sessions < 1:

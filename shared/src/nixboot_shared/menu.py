@@ -4,11 +4,14 @@ rollback, then the local disk. Pure functions: the TFTP service (pxelinux) and t
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
 from nixboot_shared.records import Generation, MachineGenerations
-from nixboot_shared.subjects import normalize_mac
+from nixboot_shared.subjects import InvalidMac, normalize_mac
+
+_GIT_REV = re.compile(r"^[0-9a-f]{7,40}$")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,12 @@ def store_hash(store_path: str) -> str:
 
 
 def kernel_cmdline(gen: Generation, params: BootParams, mac: str) -> str:
+    try:
+        mac_param = f"nixboot.mac={normalize_mac(mac)}"
+    except InvalidMac:
+        # pxelinux's "default" menu for a client whose lease is not known yet: no MAC to give;
+        # stage 1 then reports without one.
+        mac_param = ""
     parts = [
         f"init={gen.init}",
         gen.kernel_params.strip(),
@@ -44,7 +53,7 @@ def kernel_cmdline(gen: Generation, params: BootParams, mac: str) -> str:
         f"nixboot.key={params.public_key}",
         f"nixboot.boot_id={params.boot_id}",
         f"nixboot.token={params.boot_token}",
-        f"nixboot.mac={normalize_mac(mac)}",
+        mac_param,
         f"nixboot.generation={gen.number}",
     ]
     return " ".join(p for p in parts if p)
@@ -57,7 +66,8 @@ def boot_file_path(gen: Generation, which: str) -> str:
 
 def _label(gen: Generation) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(gen.created)) if gen.created else ""
-    rev = f" {gen.flake_rev[:8]}" if gen.flake_rev else ""
+    # A git revision is worth showing; a path flake's content hash (sha256-…) is not.
+    rev = f" {gen.flake_rev[:8]}" if gen.flake_rev and _GIT_REV.match(gen.flake_rev) else ""
     return f"NixOS generation {gen.number} {when}{rev}".strip()
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 EVENTS_PUBLISHED = Counter("nixboot_events_published", "Events published to JetStream", ["type"])
 EVENTS_FAILED = Counter(
@@ -12,6 +12,19 @@ EVENTS_REJECTED = Counter(
     "nixboot_events_rejected", "Messages on nixboot subjects that did not decode", ["consumer"]
 )
 BAD_INPUT = Counter("nixboot_bad_input", "Rejected input (payloads, packets, requests)", ["source"])
+# Every service's HTTP API (service.HttpMetrics). Labels: the route *pattern* (e.g.
+# "/boot/{toplevel_hash}/{which}", "unmatched" for 404s of unknown paths), a fixed method set and
+# the status code; the process (Prometheus' job label) tells the services apart.
+HTTP_REQUESTS = Counter(
+    "nixboot_http_requests", "HTTP requests by route pattern, method and status",
+    ["route", "method", "status"],
+)  # fmt: skip
+HTTP_SECONDS = Histogram(
+    "nixboot_http_request_seconds",
+    "Time to answer an HTTP request (until the response is handed to the server)",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30),
+)
 
 
 def exposition() -> tuple[bytes, str]:

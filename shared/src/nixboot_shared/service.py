@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Response
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nixboot_shared import bus, metrics
 from nixboot_shared.config import Config, HttpListen
@@ -52,8 +54,70 @@ def setup_logging(level: str, service: str) -> None:
     )
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+class HttpMetrics:
+    """Pure ASGI middleware counting requests by route pattern, method and status (bounded
+    labels: the router's pattern, never the path). Pure ASGI rather than BaseHTTPMiddleware:
+    no extra task per request on the cache's narinfo path."""
+
+    def __init__(self, app: ASGIApp, routes: Callable[[], list[Any]] = list) -> None:
+        self.app = app
+        self.routes = routes  # the application's routes, for plain Starlette routes
+        self._by_endpoint: dict[Any, str] = {}
+        # prometheus_client's labels() costs ~2 µs per call: keep the children per label set.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def pattern(self, scope: Scope) -> str:
+        path = getattr(scope.get("route"), "path", None)  # set by FastAPI's routes
+        if path:
+            return str(path)
+        endpoint = scope.get("endpoint")  # a plain Starlette route sets only its endpoint
+        if endpoint is None:
+            return "unmatched"
+        if endpoint not in self._by_endpoint:
+            for r in self.routes():
+                if getattr(r, "endpoint", None) is not None and hasattr(r, "path"):
+                    self._by_endpoint[r.endpoint] = r.path
+        return self._by_endpoint.get(endpoint, "unmatched")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # the app raised before answering: the server sends a 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            # The router stores the match in the (shared) scope.
+            route = self.pattern(scope)
+            method = scope.get("method", "")
+            key = (route, method, status)
+            children = self._children.get(key)
+            if children is None:  # bounded: routes x methods x statuses
+                m = method if method in METHODS else "other"
+                children = (
+                    metrics.HTTP_REQUESTS.labels(route, m, str(status)),
+                    metrics.HTTP_SECONDS.labels(route),
+                )
+                if m == method:
+                    self._children[key] = children
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
+
+
 def base_app(name: str, nc: Client | None) -> FastAPI:
     app = FastAPI(title=f"nixboot {name}")
+    app.add_middleware(HttpMetrics, routes=lambda: app.routes)
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:

@@ -26,6 +26,9 @@ BUILD_LOG_PREFIX = f"{PREFIX}.buildlog"
 # KV buckets: the state every service reads through watches.
 KV_MACHINES = "nixboot-machines"  # key: mac token -> Machine
 KV_GENERATIONS = "nixboot-generations"  # key: mac token -> MachineGenerations
+# ... and this key (not a MAC token): the fallback configuration's generations, written by the
+# builder when ``fallback_attr`` is set; what machines with no generations of their own boot.
+FALLBACK_KEY = "fallback"
 KV_LEASES = "nixboot-leases"  # key: mac token -> Lease;  key "ip.<a-b-c-d>" -> mac token
 KV_BOOTS = "nixboot-boots"  # key: mac token -> current boot session
 

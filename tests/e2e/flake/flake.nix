@@ -8,9 +8,12 @@
     let
       knobs = import ./generation.nix;
       system = import ./system.nix { inherit (knobs) tag; };
+      # what machines nobody registered boot (the deployment's fallback_attr)
+      fallbackSystem = import ./system.nix { tag = "fallback"; };
     in
     {
       nixosConfigurations.e2e = { config = system.config; };
+      nixosConfigurations.e2e-fallback = { config = fallbackSystem.config; };
       packages.x86_64-linux.default = system.config.system.build.toplevel;
     };
 }

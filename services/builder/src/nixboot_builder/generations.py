@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
+
 from nixboot_shared.records import Generation, MachineGenerations
 
 
@@ -48,6 +50,22 @@ def add_build(record: MachineGenerations, new: Generation, keep: int) -> Added:
         next_boot=record.next_boot,
     )
     return Added(out, created, dropped)
+
+
+def set_closure_size(record: MachineGenerations, toplevel: str, size: int) -> MachineGenerations:
+    """Fill in the closure size of the generations of ``toplevel`` that have none yet (it is
+    measured after the generation is registered); the same record when there is nothing to do."""
+    if not any(g.toplevel == toplevel and not g.closure_size for g in record.generations):
+        return record
+    return msgspec.structs.replace(
+        record,
+        generations=[
+            msgspec.structs.replace(g, closure_size=size)
+            if g.toplevel == toplevel and not g.closure_size
+            else g
+            for g in record.generations
+        ],
+    )
 
 
 def pin(record: MachineGenerations, number: int | None, once: bool) -> MachineGenerations:

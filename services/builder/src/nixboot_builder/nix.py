@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nixboot_builder import nixlog
+from nixboot_builder import narhash, nixlog
 
 # Nix's offline defaults: no substituter (every command would retry cache.nixos.org) and the
 # experimental commands we use. Added to, never replacing, what the environment sets.
@@ -114,6 +115,17 @@ def parse_closure_size(stdout: str, path: str) -> int:
     raise NixError(f"nix path-info did not describe {path}")
 
 
+def path_flake_dir(flake: str) -> Path | None:
+    """The directory of a plain ``path:/abs/dir`` flake (no query, a real directory holding a
+    flake.nix): its fingerprint is the NAR hash of the directory, computable without nix."""
+    if not flake.startswith("path:/") or "?" in flake or "#" in flake:
+        return None
+    directory = Path(flake[len("path:") :])
+    if not directory.is_dir() or directory.is_symlink() or not (directory / "flake.nix").is_file():
+        return None
+    return directory
+
+
 def parse_flake_fingerprint(stdout: str) -> str:
     """The flake's git revision, else the NAR hash of its source (path flakes, dirty trees)."""
     meta: Any = json.loads(stdout)
@@ -152,15 +164,24 @@ class Nix:
         return out.decode()
 
     async def build(
-        self, flake: str, attr: str, on_update: LineHandler | None = None
+        self,
+        flake: str,
+        attr: str,
+        on_update: LineHandler | None = None,
+        out_link: Path | None = None,
     ) -> tuple[str, nixlog.BuildLog, list[str]]:
-        """Build the toplevel of ``attr``; stream parsed log updates to ``on_update``.
+        """Build the toplevel of ``attr``; stream parsed log updates to ``on_update``. With
+        ``out_link``, nix itself pins the result with that indirect GC root as it finishes (no
+        window in which a garbage collection could take it, no extra process).
         Returns (toplevel, final log state, log lines)."""
+        if out_link is not None:
+            out_link.parent.mkdir(parents=True, exist_ok=True)
+        link_args = ["--out-link", str(out_link)] if out_link is not None else ["--no-link"]
         proc = await asyncio.create_subprocess_exec(
             "nix",
             "build",
             "--json",
-            "--no-link",
+            *link_args,
             "--log-format",
             "internal-json",
             *option_args(self.options),
@@ -200,6 +221,16 @@ class Nix:
         return parse_closure_size(await self._run("nix", "path-info", "-S", "--json", path), path)
 
     async def flake_fingerprint(self, flake: str) -> str:
+        """The flake's git revision or source narHash (see ``parse_flake_fingerprint``)."""
+        directory = path_flake_dir(flake)
+        if directory is not None:
+            # The same narHash nix would report, without starting nix; on any trouble (a file
+            # vanished mid-walk, a socket in the tree) nix itself answers, or reports the error.
+            with contextlib.suppress(OSError, narhash.UnsupportedFile):
+                return await asyncio.to_thread(narhash.nar_hash_sri, str(directory))
+        return await self.nix_flake_fingerprint(flake)
+
+    async def nix_flake_fingerprint(self, flake: str) -> str:
         out = await self._run(
             "nix", "flake", "metadata", "--json", *option_args(self.options), flake
         )

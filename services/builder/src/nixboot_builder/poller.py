@@ -1,10 +1,14 @@
 """Flake change detection: poll the flake's fingerprint (git revision, or the NAR hash of a path
 flake's files) and queue a build of every configuration in use when it changes, or when a
-configuration has no generation built from the current fingerprint (first start)."""
+configuration has no generation built from the current fingerprint (first start).
+
+A local flake is also watched with inotify, which wakes the poll as soon as a change is complete;
+the interval poll stays, for remote flakes and as the safety net."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -12,6 +16,7 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
+from nixboot_builder.inotify import TreeWatcher
 from nixboot_builder.nix import Nix, NixError
 from nixboot_builder.store import FALLBACK_KEY, Store
 from nixboot_builder.worker import request_build
@@ -48,13 +53,20 @@ def tree_stamp(directory: Path) -> str:
 
 class FlakePoller:
     def __init__(
-        self, js: JetStreamContext, store: Store, nix: Nix, flake: str, fallback_attr: str = ""
+        self,
+        js: JetStreamContext,
+        store: Store,
+        nix: Nix,
+        flake: str,
+        fallback_attr: str = "",
+        watch: bool = True,
     ) -> None:
         self.js, self.store, self.nix, self.flake = js, store, nix, flake
         self.fallback_attr = fallback_attr
         self.fingerprint: str | None = None
         self.local_dir = local_flake_dir(flake)
         self.stamp: str | None = None
+        self.watch = watch
 
     async def attrs_needing_build(self, fingerprint: str) -> list[str]:
         """Attributes in use whose machines' newest generation is not from ``fingerprint``."""
@@ -100,7 +112,26 @@ class FlakePoller:
         self.fingerprint = fingerprint
         return attrs
 
+    def _watch(self) -> TreeWatcher | None:
+        if self.local_dir is None or not self.watch:
+            return None
+        watcher = TreeWatcher(self.local_dir)
+        try:
+            watcher.start()
+        except OSError as e:
+            log.warning("cannot watch %s (%s): polling only", self.local_dir, e)
+            return None
+        return watcher
+
     async def run(self, interval: float) -> None:
-        while True:
-            await self.poll_once()
-            await asyncio.sleep(interval)
+        watcher = self._watch()
+        wake = watcher.changed if watcher is not None else asyncio.Event()
+        try:
+            while True:
+                wake.clear()  # before polling: a change seen during the poll polls again
+                await self.poll_once()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), interval)
+        finally:
+            if watcher is not None:
+                watcher.close()

@@ -20,7 +20,7 @@ from nixboot_shared import subjects
 from nixboot_shared.records import Machine, MachineGenerations
 
 # Key of the fallback configuration's generations (what unknown MACs boot); not a MAC token.
-FALLBACK_KEY = "fallback"
+FALLBACK_KEY = subjects.FALLBACK_KEY
 
 T = TypeVar("T")
 
@@ -47,6 +47,8 @@ async def update(
     for _ in range(attempts):
         current, revision = await _get(kv, key, kind)
         new = fn(current)
+        if new is not None and new == current:
+            return new  # nothing changed: no write (KV watchers see no spurious update)
         try:
             if new is None:
                 if current is not None:

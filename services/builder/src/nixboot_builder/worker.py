@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError
 
-from nixboot_builder import gcroots, generations, nixlog, wire
+from nixboot_builder import gcroots, generations, metrics, nixlog, wire
 from nixboot_builder.nix import Nix, NixError, read_boot_files
 from nixboot_builder.store import FALLBACK_KEY, Store
 from nixboot_shared import bus, events, subjects
@@ -30,6 +30,12 @@ DURABLE = "nixboot-builders"
 # Redelivery delay after a crash; a live builder extends it with in-progress acks.
 ACK_WAIT_SECONDS = 10.0
 PROGRESS_EVERY_SECONDS = 0.5
+
+
+def pending_root(state_dir: Path, build_id: str) -> Path:
+    """The GC root nix makes for a build's result, held until the generation's numbered roots
+    exist (``gcroots``). Named by build: a redelivered request reuses (and replaces) it."""
+    return state_dir / "building" / build_id
 
 
 async def request_build(
@@ -171,13 +177,21 @@ class Builder:
                             ),
                         )
 
+        pending = pending_root(self.state_dir, bid)
         try:
-            toplevel, _state, _lines = await self.nix.build(self.flake, attr, on_update)
+            toplevel, _state, _lines = await self.nix.build(self.flake, attr, on_update, pending)
             boot = read_boot_files(toplevel)
-            closure = await self.nix.closure_size(toplevel)
         except NixError as e:
             await self._fail(req, str(e), e.log_tail)
+            if pending.is_symlink():
+                # Left by an attempt that crashed after building: it may have recorded a
+                # generation whose numbered root was never made. Make them, then let go.
+                await self.finish(attr, None, None)
+                pending.unlink(missing_ok=True)
             return None
+        # The closure size needs a nix process: it runs while the generation is recorded and
+        # is filled in afterwards (0 = not measured yet), so nix's start-up is off the path.
+        closure_task = asyncio.ensure_future(self._closure_size(toplevel))
         seconds = time.monotonic() - started
         new = Generation(
             number=0,
@@ -187,17 +201,26 @@ class Builder:
             kernel_params=boot.kernel_params,
             init=boot.init,
             flake_rev=rev,
-            closure_size=closure,
+            closure_size=0,
             created=time.time(),
         )
         built = time.monotonic()
-        created = await self.record(attr, new)
-        # Announced after recording: whoever sees it finds the generations already in KV.
+        try:
+            created = await self.record(attr, new)
+            # Registered and announced; the toplevel is pinned by the pending root meanwhile.
+            await self.finish(attr, toplevel, await closure_task)
+        finally:
+            closure_task.cancel()
+        pending.unlink(missing_ok=True)
+        # Announced after recording: whoever sees it finds the generations already in KV, with
+        # their closure sizes and GC roots.
         await bus.publish(
             self.js,
             events.BuildSucceeded(build_id=bid, attr=attr, toplevel=toplevel, seconds=seconds),
         )
         await self._log(bid, wire.LogRecord(kind="end", ok=True, toplevel=toplevel))
+        metrics.BUILDS.labels("ok").inc()
+        metrics.BUILD_SECONDS.observe(seconds)
         log.info(
             "build %s of %s: %s in %.2fs, recorded in %.2fs",
             bid,
@@ -208,14 +231,26 @@ class Builder:
         )
         return created
 
-    async def record(self, attr: str, new: Generation) -> Generation | None:
-        """Add ``new`` to every machine using ``attr`` (and the fallback record)."""
+    async def _closure_size(self, toplevel: str) -> int | None:
+        try:
+            return await self.nix.closure_size(toplevel)
+        except NixError as e:
+            log.warning("closure size of %s: %s", toplevel, e)
+            return None
+
+    async def _targets(self, attr: str) -> list[tuple[str, str]]:
+        """(generations key, mac) of every machine using ``attr`` (and the fallback record)."""
         machines = await self.store.machines()
         targets = [(subjects.mac_token(m.mac), m.mac) for m in machines if m.attr == attr]
         if attr == self.fallback_attr:
             targets.append((FALLBACK_KEY, FALLBACK_KEY))
+        return targets
+
+    async def record(self, attr: str, new: Generation) -> Generation | None:
+        """Add ``new`` to every machine using ``attr`` (and the fallback record) and announce
+        the generations created. GC roots and the closure size follow in ``finish``."""
         created_any: Generation | None = None
-        for key, mac in targets:
+        for key, mac in await self._targets(attr):
             outcome: list[generations.Added] = []
 
             def apply(
@@ -225,8 +260,7 @@ class Builder:
                 outcome.append(generations.add_build(record, new, self.keep))
                 return outcome[0].record
 
-            record = await self.store.update_generations(key, mac, apply)
-            await gcroots.sync(self.nix, self.state_dir, key, record)
+            await self.store.update_generations(key, mac, apply)
             created = outcome[0].created if outcome else None
             announce = created
             if created is None and outcome:
@@ -255,6 +289,23 @@ class Builder:
                 )
         return created_any
 
+    async def finish(self, attr: str, toplevel: str | None, closure: int | None) -> None:
+        """Fill in the closure size of ``toplevel``'s generations still without one, and sync
+        the GC roots of every record using ``attr``."""
+        for key, mac in await self._targets(attr):
+            record = await self.store.generations(key)
+            if record is None:
+                continue  # removed meanwhile (its roots went with it)
+            if toplevel is not None and closure:
+
+                def fill(
+                    r: MachineGenerations, top: str = toplevel, size: int = closure
+                ) -> MachineGenerations:
+                    return generations.set_closure_size(r, top, size)
+
+                record = await self.store.update_generations(key, mac, fill)
+            await gcroots.sync(self.nix, self.state_dir, key, record)
+
     async def _fail(self, req: wire.BuildRequest, error: str, tail: str) -> None:
         log.warning("build %s of %s failed: %s", req.build_id, req.attr, error)
         await bus.publish(
@@ -264,3 +315,4 @@ class Builder:
             ),
         )
         await self._log(req.build_id, wire.LogRecord(kind="end", ok=False, text=error))
+        metrics.BUILDS.labels("failed").inc()

@@ -13,6 +13,7 @@ COMPRESSED = Counter("nixboot_cache_compressed", "NARs compressed into the cache
 EVICTED = Counter("nixboot_cache_evicted", "Compressed NARs evicted (LRU)")
 TRUNCATED = Counter("nixboot_cache_truncated_rebuilt", "Truncated cache files detected and rebuilt")
 CACHE_BYTES = Gauge("nixboot_cache_bytes", "Bytes of compressed NARs on disk")
+MAX_BYTES = Gauge("nixboot_cache_max_bytes", "Bound on compressed NAR bytes (cache.max_bytes)")
 WARMS = Counter("nixboot_cache_warms", "Closure warms by result", ["result"])
 WARM_SECONDS = Histogram(
     "nixboot_cache_warm_seconds",

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,10 +55,15 @@ class NarMeta:
     file_size: int
 
 
+# A producer of an already zstd-compressed NAR (an upstream cache's file), run in a worker thread.
+Fetch = Callable[[PathInfo], Iterator[bytes]]
+
+
 @dataclass
 class InFlight:
     info: PathInfo
     tmp: Path
+    fetch: Fetch | None = None
     written: int = 0
     done: bool = False
     error: BaseException | None = None
@@ -193,15 +198,17 @@ class NarCache:
             self._disk_full_until = time.monotonic() + DISK_FULL_BACKOFF_SECONDS
 
     # -- compression ---------------------------------------------------------------------------
-    def start(self, info: PathInfo) -> InFlight:
-        """Start compressing ``info`` (or join the compression already running)."""
+    def start(self, info: PathInfo, fetch: Fetch | None = None) -> InFlight:
+        """Start compressing ``info`` (or join the compression already running). With ``fetch``
+        the compressed file comes from there instead of the local store; it is checked against
+        ``info``'s NarHash/NarSize the same way before it is kept."""
         h = info.nar_hash32
         job = self._inflight.get(h)
         if job is not None:
             return job
         tmp = self.root / "tmp" / f"{h}.{os.getpid()}.{time.monotonic_ns()}"
         tmp.touch()  # exists before any reader opens it
-        job = InFlight(info=info, tmp=tmp)
+        job = InFlight(info=info, tmp=tmp, fetch=fetch)
         self._inflight[h] = job
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.executor, self._compress, job, loop)
@@ -226,12 +233,12 @@ class NarCache:
         fut.add_done_callback(finish)
         return job
 
-    async def ensure(self, info: PathInfo) -> tuple[NarMeta, bool]:
+    async def ensure(self, info: PathInfo, fetch: Fetch | None = None) -> tuple[NarMeta, bool]:
         """The complete compressed file of ``info``; True when it had to be built."""
         meta = self.meta(info.nar_hash32)
         if meta is not None:
             return meta, False
-        return await asyncio.shield(self.start(info).finished), True
+        return await asyncio.shield(self.start(info, fetch).finished), True
 
     def _compress(self, job: InFlight, loop: asyncio.AbstractEventLoop) -> NarMeta:
         """Runs in a worker thread: NAR → zstd → tmp file, hashing both; zstd and sha256 release
@@ -254,11 +261,26 @@ class NarCache:
                     job.written = written  # readers never read past this
                     loop.call_soon_threadsafe(job._notify)
 
-            for chunk in nar.dump(info.path):
-                nar_hash.update(chunk)
-                nar_size += len(chunk)
-                emit(comp.compress(chunk))
-            emit(comp.flush())
+            if job.fetch is None:
+                for chunk in nar.dump(info.path):
+                    nar_hash.update(chunk)
+                    nar_size += len(chunk)
+                    emit(comp.compress(chunk))
+                emit(comp.flush())
+            else:
+                # Kept as received; decompressed only to check the NAR (frames may be several).
+                dec = zstandard.ZstdDecompressor().decompressobj()
+                for chunk in job.fetch(info):
+                    emit(chunk)
+                    while chunk:
+                        plain = dec.decompress(chunk)
+                        nar_hash.update(plain)
+                        nar_size += len(plain)
+                        if nar_size > info.nar_size:
+                            raise NarMismatch(f"{info.path}: NAR longer than {info.nar_size}")
+                        chunk = dec.unused_data if dec.eof else b""
+                        if dec.eof:
+                            dec = zstandard.ZstdDecompressor().decompressobj()
             # No fsync: it cost ~5 s per 500 files here. After a crash, a file cut short is
             # caught by the sidecar size check, and the client checks NarHash anyway.
         got = nix32.encode(nar_hash.digest())

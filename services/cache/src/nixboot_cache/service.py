@@ -29,10 +29,13 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from nats.js.kv import KeyValue
 from starlette.background import BackgroundTask
 
-from nixboot_cache import metrics, nix32
+from nixboot_cache import metrics, narextract, nix32
+from nixboot_cache.bootfiles import UpstreamBootFiles
 from nixboot_cache.narcache import (
+    InFlight,
     NarCache,
     NarMeta,
+    NarMismatch,
     open_inflight,
     stream_direct,
     stream_inflight,
@@ -41,6 +44,7 @@ from nixboot_cache.narinfo import STORE_DIR, NarInfo
 from nixboot_cache.signing import SecretKey, load_or_create
 from nixboot_cache.store import DEFAULT_DB, PathInfo, StoreDb
 from nixboot_cache.timeline import setup_timeline
+from nixboot_cache.upstream import Upstream, UpstreamError, path_info
 from nixboot_cache.warm import Publish, Warmer
 from nixboot_shared import bus, events, menu, pins, security, subjects
 from nixboot_shared.config import Config
@@ -53,6 +57,14 @@ CACHE_INFO = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: 30\n"
 _DRV_RE = re.compile(r"^[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]+\.drv$")
 LOG_DIR = Path("/nix/var/log/nix/drvs")
 WARM_DURABLE = "nixboot-cache-warm"
+
+
+def warm_durable(cfg: Config) -> str:
+    """Each cache instance its own durable: every instance sees every lease (a shared durable
+    would hand each lease to one of them)."""
+    return f"{WARM_DURABLE}-{cfg.cache.instance}" if cfg.cache.instance else WARM_DURABLE
+
+
 LEASE_EVENTS = f"{subjects.PREFIX}.evt.lease.>"
 
 
@@ -78,6 +90,19 @@ class Generations:
             self.by_mac[key] = msgspec.json.decode(value, type=MachineGenerations)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             log.warning("generations: ignoring undecodable record %s: %s", key, e)
+
+    def for_menu(self, token: str, fallback_attr: str) -> tuple[MachineGenerations | None, bool]:
+        """What a machine's menu offers, and whether that is the fallback: its own generations,
+        else (an unknown machine, or one not built yet) the fallback configuration's, which the
+        builder keeps under ``subjects.FALLBACK_KEY``; with no ``fallback_attr``, nothing (the
+        menu then offers the local disk only). Pins belong to machines, never to the fallback."""
+        own = self.by_mac.get(token)
+        if own is not None and own.generations:
+            return own, False
+        fb = self.by_mac.get(subjects.FALLBACK_KEY) if fallback_attr else None
+        if fb is None or not fb.generations:
+            return None, True
+        return msgspec.structs.replace(fb, pinned=None, next_boot=None), True
 
     def by_toplevel_hash(self, h: str) -> Generation | None:
         for mg in self.by_mac.values():
@@ -120,12 +145,33 @@ class CacheService:
         )
         self.publish_event: Publish = _no_publish
         self.kv_generations: KeyValue | None = None  # set once NATS is up (one-shot pins)
-        self.warmer = Warmer(self.store, self.nars, self._publish, parallel=cores)
+        # With an upstream, everything comes from there (verified): this host's own store, if
+        # it has one, is not the deployment's and is never served.
+        self.upstream: Upstream | None = None
+        self.boot_files: UpstreamBootFiles | None = None
+        if cfg.cache.upstream_url:
+            self.upstream = Upstream(
+                cfg.cache.upstream_url, cfg.cache.upstream_public_key, state / "cache"
+            )
+            self.boot_files = UpstreamBootFiles(
+                self.upstream, self.nars, state / "cache", self.executor
+            )
+            self.warmer = Warmer(
+                self.store,
+                self.nars,
+                self._publish,
+                parallel=cores,
+                closure_of=self.upstream.closure,
+                fetch=self.upstream.download,
+            )
+        else:
+            self.warmer = Warmer(self.store, self.nars, self._publish, parallel=cores)
         self.leases: KeyValue | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._narinfo_memo: dict[tuple[PathInfo, str, int], str] = {}
         self._known: dict[str, str] = {}  # nar hash -> store path, for every narinfo we answered
         metrics.CACHE_BYTES.set_function(lambda: self.nars.total_bytes)
+        metrics.MAX_BYTES.set(cfg.cache.max_bytes)
 
     async def _publish(self, event: events.Event) -> None:
         await self.publish_event(event)
@@ -142,8 +188,21 @@ class CacheService:
         """Nar hashes of every path in a protected closure (runs in a worker thread)."""
         keep: set[str] = set()
         for top in self.gens.protected_toplevels():
-            keep.update(p.nar_hash32 for p in self.store.closure(top))
+            if self.upstream is not None:
+                keep.update(p.nar_hash32 for p in self.upstream.closure_known(top))
+            else:
+                keep.update(p.nar_hash32 for p in self.store.closure(top))
         return keep
+
+    async def lookup(self, hash_part: str) -> PathInfo | None:
+        """The path with this hash part: from the local store, or the upstream (verified)."""
+        if self.upstream is None:
+            return self.store.by_hash(hash_part)
+        ni = await self.upstream.narinfo(hash_part)
+        return None if ni is None else path_info(ni)
+
+    def start_nar(self, info: PathInfo) -> InFlight:
+        return self.nars.start(info, self.upstream.download if self.upstream else None)
 
     # -- binary cache ---------------------------------------------------------------------------
     def narinfo(self, info: PathInfo, meta: NarMeta | None) -> str:
@@ -164,6 +223,9 @@ class CacheService:
             references=tuple(r.removeprefix(STORE_DIR + "/") for r in info.references),
             deriver=info.deriver.removeprefix(STORE_DIR + "/") if info.deriver else None,
             ca=info.ca,
+            # The upstream's verified signature travels on next to ours: clients booted from
+            # this instance trust its key (the menu names it), others may trust the upstream's.
+            sigs=self._upstream_sigs(info.path),
         )
         text = self.key.sign_narinfo(ni).render()
         if len(self._narinfo_memo) >= 50_000:
@@ -171,7 +233,15 @@ class CacheService:
         self._narinfo_memo[memo_key] = text
         return text
 
+    def _upstream_sigs(self, path: str) -> tuple[str, ...]:
+        if self.upstream is None:
+            return ()
+        ni = self.upstream.known(menu.store_hash(path))
+        return ni.sigs if ni is not None else ()
+
     def path_for_nar(self, h: str) -> PathInfo | None:
+        if self.upstream is not None:
+            return self.upstream.info_by_nar(h)
         path = self._known.get(h)
         if path is None:
             # Rare: a URL published before a restart whose file was since evicted.
@@ -192,15 +262,24 @@ class CacheService:
             log.error("could not consume the one-shot pin of %s: %s", mg.mac, e)
 
     async def warm_for_mac(self, mac: str, kv: KeyValue, trigger: str) -> None:
-        try:
-            entry = await kv.get(subjects.mac_token(mac))
-        except Exception:  # KeyNotFoundError and friends: a machine with no generations yet
+        token = subjects.mac_token(mac)
+        # The watched view answers at once; asking KV costs a round trip while a storm keeps
+        # NATS busy (lease → warm started is on every boot's critical path).
+        mg: MachineGenerations | None = self.gens.by_mac.get(token)
+        if mg is None:
+            try:
+                entry = await kv.get(token)
+            except Exception:  # KeyNotFoundError and friends: a machine with no generations yet
+                entry = None
+            if entry is not None and entry.value:
+                mg = msgspec.json.decode(entry.value, type=MachineGenerations)
+                self.gens.by_mac[token] = mg
+            else:
+                # An unknown machine boots the fallback (if any): warm that.
+                mg, _ = self.gens.for_menu(token, self.cfg.fallback_attr)
+        if mg is None:
             log.info("lease of %s: no generations, nothing to warm", mac)
             return
-        if entry.value is None:
-            return
-        mg = msgspec.json.decode(entry.value, type=MachineGenerations)
-        self.gens.by_mac[subjects.mac_token(mac)] = mg
         tops = []
         default = mg.default()
         newest = mg.newest_first()[:1]
@@ -210,6 +289,12 @@ class CacheService:
         for top in tops:
             task = self.warmer.warm(top, mac, trigger)
             task.add_done_callback(_log_failure)
+        if self.boot_files is not None:
+            # Kernel and initrd are asked for right after the menu: have them out of their NARs.
+            for g in {g.toplevel: g for g in [default, *newest] if g is not None}.values():
+                for which, path in (("kernel", g.kernel), ("initrd", g.initrd)):
+                    get = self.boot_files.get(menu.store_hash(g.toplevel), which, path)
+                    asyncio.ensure_future(get).add_done_callback(_log_failure)
 
     async def report_boot_file(
         self, *, client: str, file: str, kind: str, size: int, started: float
@@ -261,16 +346,20 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
         hash_part = request.path_params["hash_part"]
         if not nix32.is_store_hash(hash_part):
             return _bad("narinfo", f"malformed store hash {hash_part!r}")
-        info = svc.store.by_hash(hash_part)
+        try:
+            info = await svc.lookup(hash_part)
+        except UpstreamError as e:  # unreachable, or a narinfo it did not sign: never served
+            log.warning("narinfo %s: %s", hash_part, e)
+            return _bad("narinfo", f"upstream: {e}", 502)
         if info is None:
             return _bad("narinfo", "no such path", 404)
         svc._known[info.nar_hash32] = info.path
         meta = svc.nars.meta(info.nar_hash32)
         if meta is None and svc.nars.inflight(info.nar_hash32) is None and not svc.nars.disk_full():
-            # Cold: answer now (FileHash is optional) and start compressing, since the NAR
-            # request usually follows.
+            # Cold: answer now (FileHash is optional) and start compressing (or downloading
+            # from the upstream), since the NAR request usually follows.
             try:
-                svc.nars.start(info)
+                svc.start_nar(info)
             except OSError as e:  # the cache directory is full: the NAR is served direct
                 svc.nars.note_disk_error(e)
         metrics.REQUESTS.labels("narinfo", "200").inc()
@@ -299,7 +388,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
             if info is None:
                 return _bad("nar", "no such NAR", 404)
             try:
-                job = None if svc.nars.disk_full() else svc.nars.start(info)
+                job = None if svc.nars.disk_full() else svc.start_nar(info)
             except OSError as e:  # not even an empty temporary file fits
                 svc.nars.note_disk_error(e)
             if job is None:
@@ -347,9 +436,19 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
         gen = svc.gens.by_toplevel_hash(toplevel_hash)
         if gen is None:
             return _bad("boot", "no such generation", 404)
-        real = os.path.realpath(gen.kernel if which == "kernel" else gen.initrd)
-        if not real.startswith(STORE_DIR + "/") or not os.path.isfile(real):
-            return _bad("boot", "boot file missing from the store", 404)
+        wanted = gen.kernel if which == "kernel" else gen.initrd
+        if svc.boot_files is not None:
+            try:
+                real = str(await svc.boot_files.get(toplevel_hash, which, wanted))
+            except (UpstreamError, NarMismatch, narextract.BadNar) as e:
+                log.warning("boot file %s of %s: %s", which, toplevel_hash, e)
+                return _bad("boot", f"upstream: {e}", 502)
+            except LookupError as e:
+                return _bad("boot", f"boot file not in the upstream: {e}", 404)
+        else:
+            real = os.path.realpath(wanted)
+            if not real.startswith(STORE_DIR + "/") or not os.path.isfile(real):
+                return _bad("boot", "boot file missing from the store", 404)
         metrics.REQUESTS.labels("boot", "200").inc()
         task = None
         if request.method == "GET" and "range" not in request.headers:
@@ -384,7 +483,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
             boot_id=boot_id,
             boot_token=security.boot_token(svc.boot_secret, boot_id),
         )
-        mg = svc.gens.by_mac.get(token)
+        mg, fallback = svc.gens.for_menu(token, svc.cfg.fallback_attr)
         spec = menu.MenuSpec(
             mac=norm,
             title="nixboot",
@@ -394,7 +493,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
         )
         text = menu.render_ipxe(spec, svc.cfg.cache.public_url.rstrip("/") + "/")
         if request.method == "GET":
-            once = pins.once_made_default(mg)
+            once = None if fallback else pins.once_made_default(mg)
             if once is not None and mg is not None:
                 await svc.consume_once(token, mg, once)
             gens, default = menu.ordered_entries(spec)
@@ -406,7 +505,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
                     client=request.client.host if request.client else "",
                     default_generation=default.number if default else None,
                     generations=[g.number for g in gens],
-                    fallback=mg is None,
+                    fallback=fallback,
                 )
             )
         metrics.REQUESTS.labels("ipxe", "200").inc()
@@ -491,7 +590,7 @@ def main(cfg: Config) -> int:
         await bus.subscribe_events(
             ctx.js,
             on_event,
-            durable=WARM_DURABLE,
+            durable=warm_durable(cfg),
             filter_subject=LEASE_EVENTS,
         )
 
@@ -499,8 +598,12 @@ def main(cfg: Config) -> int:
             svc.executor.shutdown(wait=False, cancel_futures=True)
 
         ctx.cleanups.append(stop_executor)
+        if svc.upstream is not None:
+            ctx.cleanups.append(svc.upstream.close)
         # The cache owns boot correlation: it receives the stage reports (docs/observability.md).
-        await setup_timeline(ctx, app)
+        # One tracker writes the boots bucket: with several instances, one has it enabled.
+        if cfg.timeline.enabled:
+            await setup_timeline(ctx, app)
         log.info("cache: public key %s", svc.public_key)
 
     return run("cache", cfg, cfg.cache.http, setup)

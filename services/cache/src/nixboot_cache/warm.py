@@ -15,13 +15,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nixboot_cache import metrics
-from nixboot_cache.narcache import NarCache
-from nixboot_cache.store import StoreDb
+from nixboot_cache.narcache import Fetch, NarCache
+from nixboot_cache.store import PathInfo, StoreDb
 from nixboot_shared import events
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[events.Event], Awaitable[None]]
+ClosureOf = Callable[[str], Awaitable[list[PathInfo]]]
 
 
 @dataclass
@@ -35,8 +36,21 @@ class WarmResult:
 
 
 class Warmer:
-    def __init__(self, store: StoreDb, cache: NarCache, publish: Publish, parallel: int) -> None:
+    def __init__(
+        self,
+        store: StoreDb,
+        cache: NarCache,
+        publish: Publish,
+        parallel: int,
+        *,
+        closure_of: ClosureOf | None = None,
+        fetch: Fetch | None = None,
+    ) -> None:
+        """``closure_of``/``fetch``: where closures and NARs come from when not from the local
+        store (a cache filled from an upstream)."""
         self.store = store
+        self.closure_of = closure_of
+        self.fetch = fetch
         self.cache = cache
         self.publish = publish
         self.parallel = max(1, parallel)
@@ -58,7 +72,14 @@ class Warmer:
 
     async def _warm(self, toplevel: str, mac: str | None, trigger: str) -> WarmResult:
         t0 = time.monotonic()
-        closure = await asyncio.to_thread(self.store.closure, toplevel)
+        if self.closure_of is not None:
+            try:
+                closure = await self.closure_of(toplevel)
+            except Exception:
+                metrics.WARMS.labels("missing").inc()
+                raise
+        else:
+            closure = await asyncio.to_thread(self.store.closure, toplevel)
         if not closure:
             metrics.WARMS.labels("missing").inc()
             raise LookupError(f"{toplevel} is not in the local store")
@@ -75,7 +96,7 @@ class Warmer:
             nonlocal done, built, nar_bytes, comp_bytes, last_report
             info = closure[info_index]
             async with sem:
-                meta, was_built = await self.cache.ensure(info)
+                meta, was_built = await self.cache.ensure(info, self.fetch)
             done += 1
             built += was_built
             nar_bytes += meta.nar_size

@@ -31,6 +31,8 @@ class LocalView:
         # boot/<hash>/... -> the generation holding that toplevel
         self.by_hash: dict[str, Generation] = {}
         self.fallback: MachineGenerations | None = None
+        # The builder's record of the fallback configuration (KV key subjects.FALLBACK_KEY).
+        self.fallback_record: MachineGenerations | None = None
         # One-shot pins already used: mac -> number, until the KV record shows it cleared.
         self.consumed_once: dict[str, int] = {}
 
@@ -59,6 +61,12 @@ class LocalView:
         self._recompute()
 
     def _apply_generations(self, key: str, value: bytes | None) -> None:
+        if key == subjects.FALLBACK_KEY:
+            self.fallback_record = (
+                None if value is None else msgspec.json.decode(value, type=MachineGenerations)
+            )
+            self._recompute()
+            return
         mac = self._mac_of_key(key)
         if value is None:
             self.generations.pop(mac, None)
@@ -91,18 +99,25 @@ class LocalView:
 
     def _recompute(self) -> None:
         by_hash: dict[str, Generation] = {}
-        for rec in list(self.generations.values()):
+        records = list(self.generations.values())
+        if self.fallback_record is not None:
+            records.append(self.fallback_record)
+        for rec in records:
             for gen in rec.generations:
                 by_hash[_store_hash(gen.toplevel)] = gen
         self.by_hash = by_hash
         self.fallback = self._fallback_generations()
 
     def _fallback_generations(self) -> MachineGenerations | None:
-        """What unknown machines boot: the generations of the fallback attribute, taken from the
-        machine of that attribute with the newest generation (generations are builds of the
-        attribute, so every machine of it has the same ones)."""
+        """What unknown machines boot: the builder's record of the fallback configuration (KV
+        key subjects.FALLBACK_KEY); before it has one, the generations of the machine of that
+        attribute with the newest generation (generations are builds of the attribute, so every
+        machine of it has the same ones). Pins belong to machines, never to the fallback."""
         if not self.fallback_attr:
             return None
+        rec = self.fallback_record
+        if rec is not None and rec.generations:
+            return MachineGenerations(mac=rec.mac, generations=list(rec.generations))
         best: MachineGenerations | None = None
         for mac, machine in list(self.machines.items()):
             if machine.attr != self.fallback_attr:
