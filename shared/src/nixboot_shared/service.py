@@ -148,6 +148,7 @@ class _QuietServer(uvicorn.Server):
 
 # Capped by the kernel's net.core.somaxconn (4096 on Debian 12).
 LISTEN_BACKLOG = 4096
+MAX_CONNECTIONS = 16384
 
 
 def _http_server(app: FastAPI, listen: HttpListen) -> tuple[Awaitable[Any], Callable[[], None]]:
@@ -169,6 +170,9 @@ def _http_server(app: FastAPI, listen: HttpListen) -> tuple[Awaitable[Any], Call
             # http-connections). granian's default backlog of 128 drops SYNs beyond it, and the
             # kernel's SYN retries (1, 3, 7, 15 s …) then stall whole boots for ~30 s.
             backlog=LISTEN_BACKLOG,
+            # granian's backpressure (default backlog ÷ workers) caps open connections, idle
+            # keep-alive ones included: 200 machines × 25 nix connections must all fit.
+            backpressure=MAX_CONNECTIONS,
         )
         return granian.serve(), granian.stop
     server = _QuietServer(
