@@ -170,8 +170,8 @@ def _http_server(app: FastAPI, listen: HttpListen) -> tuple[Awaitable[Any], Call
             # http-connections). granian's default backlog of 128 drops SYNs beyond it, and the
             # kernel's SYN retries (1, 3, 7, 15 s …) then stall whole boots for ~30 s.
             backlog=LISTEN_BACKLOG,
-            # granian's backpressure (default backlog ÷ workers) caps open connections, idle
-            # keep-alive ones included: 200 machines × 25 nix connections must all fit.
+            # granian's backpressure (default backlog / workers) caps open connections, idle
+            # keep-alive ones included: 200 machines x 25 nix connections must all fit.
             backpressure=MAX_CONNECTIONS,
         )
         return granian.serve(), granian.stop
