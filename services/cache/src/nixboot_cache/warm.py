@@ -65,12 +65,15 @@ class Warmer:
         if task is not None and not task.done():
             return task
         self.started += 1
-        task = asyncio.ensure_future(self._warm(toplevel, mac, trigger))
+        # The warm starts now (its event says so), though the closure query runs in a thread.
+        task = asyncio.ensure_future(self._warm(toplevel, mac, trigger, time.time()))
         self._running[toplevel] = task
         task.add_done_callback(lambda _t: self._running.pop(toplevel, None))
         return task
 
-    async def _warm(self, toplevel: str, mac: str | None, trigger: str) -> WarmResult:
+    async def _warm(
+        self, toplevel: str, mac: str | None, trigger: str, started: float
+    ) -> WarmResult:
         t0 = time.monotonic()
         if self.closure_of is not None:
             try:
@@ -85,7 +88,9 @@ class Warmer:
             raise LookupError(f"{toplevel} is not in the local store")
         total = sum(p.nar_size for p in closure)
         await self.publish(
-            events.WarmStarted(mac=mac, toplevel=toplevel, paths=len(closure), trigger=trigger)
+            events.WarmStarted(
+                mac=mac, toplevel=toplevel, paths=len(closure), trigger=trigger, ts=started
+            )
         )
         log.info("warm %s: %d paths, %.1f MiB NAR", toplevel, len(closure), total / 2**20)
         sem = asyncio.Semaphore(self.parallel)
