@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from nixboot.vmlab import initrd
+from nixboot.vmlab.lab import Lab
+from nixboot.vmlab.stack import Built, RealStack
 from tests.conftest import tool
-from tests.e2e import initrd
-from tests.e2e.lab import Lab
-from tests.e2e.stack import Built, RealStack
 
 MAC = "52:54:00:13:00:01"
 

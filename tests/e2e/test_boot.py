@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nixboot.vmlab.lab import BootResult, console_lines, new_disk
 from tests.e2e.conftest import E2E, MAC
-from tests.e2e.lab import BootResult, console_lines, new_disk
 
 BOOT_TIMEOUT = 120.0  # per boot (TCG, a shared 2-core machine); a boot takes ~15-25 s here
 MARKERS = ("NIXBOOT-INITRD", "NIXBOOT-STAGE2", "NIXBOOT-BOOTED")

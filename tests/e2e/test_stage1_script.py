@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from nixboot.vmlab import deploy_file
 from tests.conftest import free_port, tool
-from tests.e2e.initrd import STAGE1
+
+STAGE1 = deploy_file("nixos", "client", "stage1.sh")
 
 BUSYBOX = "/bin/busybox"
 

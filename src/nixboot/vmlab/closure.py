@@ -1,4 +1,4 @@
-"""The test flake (tests/e2e/flake) for e2e boots, which nixboot's builder builds.
+"""The test flake (nixboot/vmlab/flake) for lab boots, which nixboot's builder builds.
 
 The flake is copied to a work directory together with the boot files it wraps (Debian's kernel,
 the test initrd, static busybox, stage1.sh); ``generation.nix`` is the knob that changes one
@@ -13,9 +13,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from nixboot.vmlab import deploy_file
+
 HERE = Path(__file__).resolve().parent
 FLAKE_TEMPLATE = HERE / "flake"
-STAGE1 = HERE.parents[1] / "deploy" / "nixos" / "client" / "stage1.sh"
 ATTR = "e2e"
 
 NIX_CONFIG = "substituters =\nexperimental-features = nix-command flakes\nsandbox = false\n"
@@ -49,7 +50,11 @@ def prepare_flake(work: Path, kernel: Path, initrd: Path, tag: str) -> Path:
         shutil.copyfile("/bin/busybox", bb / "busybox")
         (bb / "busybox").chmod(0o755)
         (bb / "sh").symlink_to("busybox")
-    for src, name in ((kernel, "kernel"), (initrd, "initrd"), (STAGE1, "stage1.sh")):
+    for src, name in (
+        (kernel, "kernel"),
+        (initrd, "initrd"),
+        (deploy_file("nixos", "client", "stage1.sh"), "stage1.sh"),
+    ):
         dest = flake / name
         if not dest.exists() or dest.stat().st_size != src.stat().st_size:
             shutil.copyfile(src, dest)

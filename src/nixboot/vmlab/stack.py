@@ -24,11 +24,10 @@ from typing import Any
 
 import nixboot_dhcp_hook.hook
 import nixboot_dhcp_hook.service
-from tests.e2e import closure
-from tests.e2e.initrd import TestBootFiles
-from tests.e2e.lab import SERVER_IP, Lab
+from nixboot.vmlab import REPO, closure, deploy_file
+from nixboot.vmlab.initrd import TestBootFiles
+from nixboot.vmlab.lab import SERVER_IP, Lab
 
-REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 NATS_PORT = 4222
 CACHE_PORT = 8080
@@ -36,9 +35,8 @@ BUILDER_PORT = 8081
 DHCP_HOOK_PORT = 8082
 TFTP_HTTP_PORT = 8083
 MACHINE_NAME = "vm1"
-FALLBACK_ATTR = "e2e-fallback"  # tests/e2e/flake: what unregistered MACs boot
+FALLBACK_ATTR = "e2e-fallback"  # nixboot/vmlab/flake: what unregistered MACs boot
 
-HOOK_TEMPLATE = REPO / "deploy" / "dhcp" / "nixboot-dhcp-hook.sh"
 SYSTEM_PYTHON = "/usr/bin/python3"  # what a DHCP server's host runs the hook with
 
 
@@ -119,7 +117,7 @@ class RealStack:
 
     def _render_hook(self) -> Path:
         """deploy/dhcp/nixboot-dhcp-hook.sh, filled in as an install would."""
-        text = HOOK_TEMPLATE.read_text()
+        text = deploy_file("dhcp", "nixboot-dhcp-hook.sh").read_text()
         for key, value in {
             "PYTHON": SYSTEM_PYTHON,
             "HOOK_PY": nixboot_dhcp_hook.hook.__file__,
@@ -254,7 +252,7 @@ attr = "{closure.ATTR}"
         ``since_seq``."""
         proc = subprocess.run(
             self.lab.exec_argv(
-                [sys.executable, "-m", "tests.e2e.eventlog", self.nats_url, mac or self.mac]
+                [sys.executable, "-m", "nixboot.vmlab.eventlog", self.nats_url, mac or self.mac]
             ),
             capture_output=True,
             text=True,

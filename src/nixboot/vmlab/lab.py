@@ -1,7 +1,7 @@
 """The e2e lab: a network namespace with a bridge and a tap, dnsmasq for DHCP, servers started
 inside it, and QEMU (TCG) VMs that PXE-boot through it.
 
-Everything lives in the namespace ``nb-e2e-<pid>``; nothing touches the host's interfaces or
+Everything lives in the namespace ``nb-<name>-<pid>``; nothing touches the host's interfaces or
 routes. Processes are killed by PID and the namespace is deleted on close, whatever happened.
 """
 
@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nixboot.vmlab import deploy_file
+
 SUBNET = "10.213.0"
 SERVER_IP = f"{SUBNET}.1"
 IPXE_ROM_DIR = Path("/usr/lib/ipxe/qemu")
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-DNSMASQ_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "dhcp" / "dnsmasq.conf"
 
 
 def _ip(*args: str) -> None:
@@ -44,9 +45,9 @@ class BootResult:
 
 
 class Lab:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, name: str = "e2e") -> None:
         self.work = work
-        self.ns = f"nb-e2e-{os.getpid()}"
+        self.ns = f"nb-{name}-{os.getpid()}"
         self.bridge = "nbbr0"
         self.tap = f"nbtap{os.getpid() % 100000}"
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -144,7 +145,8 @@ class Lab:
         with its placeholders filled, calling ``hook`` on every lease change. iPXE chains to the
         cache's boot.ipxe; with ``pxelinux`` iPXE is handed lpxelinux.0 from the TFTP service
         on the bridge instead (the pxelinux path)."""
-        text = DNSMASQ_TEMPLATE.read_text()
+        template = deploy_file("dhcp", "dnsmasq.conf")
+        text = template.read_text()
         values = {
             "IFACE": self.bridge,
             "SERVER_IP": SERVER_IP,
@@ -159,11 +161,11 @@ class Lab:
             text = text.replace(f"@{key}@", value)
         left = re.findall(r"@[A-Z_]+@", text)
         if left:
-            raise RuntimeError(f"{DNSMASQ_TEMPLATE}: placeholders not filled: {left}")
+            raise RuntimeError(f"{template}: placeholders not filled: {left}")
         if pxelinux:
             ipxe_line = f"dhcp-boot=tag:ipxe,{values['CACHE_URL']}/boot.ipxe"
             if ipxe_line not in text:
-                raise RuntimeError(f"{DNSMASQ_TEMPLATE} has no line {ipxe_line!r} to replace")
+                raise RuntimeError(f"{template} has no line {ipxe_line!r} to replace")
             text = text.replace(ipxe_line, f"dhcp-boot=tag:ipxe,lpxelinux.0,,{SERVER_IP}")
         # test-only: a log file, root (the hook reads the state dir), no DNS files
         text += f"log-dhcp\nlog-facility={self.dhcp_log}\nuser=root\ngroup=root\n"

@@ -1,6 +1,6 @@
 """Print the JetStream event stream as JSON lines (run inside the lab's namespace, where NATS is).
 
-    python -m tests.e2e.eventlog NATS_URL [MAC]
+    python -m nixboot.vmlab.eventlog NATS_URL [MAC]
 
 Each line is the decoded event plus ``seq`` (its stream sequence): the order JetStream stored it
 in, which is the order the tests assert on. With MAC only that machine's events (its subjects).
@@ -31,7 +31,7 @@ async def dump(url: str, mac: str | None) -> None:
         last = info.state.last_seq
         if last == 0:
             return
-        subject = events.event_subject("*", mac) if mac else subjects.EVENTS_SUBJECTS
+        subject = subjects.event_subject("*", mac) if mac else subjects.EVENTS_SUBJECTS
         sub = await js.subscribe(
             subject,
             ordered_consumer=True,

@@ -1,10 +1,11 @@
 """Test initrd for e2e boots: Debian's kernel, the modules the VM needs, static busybox, Debian's
 ``nix`` with its libraries, the partitioning tools, and the project's ``stage1.sh`` unchanged.
 
-Tests only. The kernel package is downloaded and unpacked (never installed on the host); the
-initrd is cached by the hash of everything that goes into it, so repeated runs cost nothing.
+For the e2e tests and ``nixboot demo vm``. The kernel package is downloaded and unpacked (never
+installed on the host); the initrd is cached by the hash of everything that goes into it, so
+repeated runs cost nothing.
 
-    python tests/e2e/initrd.py [CACHE_DIR]    # builds (or finds) and prints the two paths
+    python -m nixboot.vmlab.initrd [CACHE_DIR]    # builds (or finds) and prints the two paths
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 
 import zstandard
 
-REPO = Path(__file__).resolve().parents[2]
-STAGE1 = REPO / "deploy" / "nixos" / "client" / "stage1.sh"
+from nixboot.vmlab import VmLabError, deploy_file
+
 DEFAULT_CACHE = Path(os.environ.get("NIXBOOT_TEST_CACHE", "/var/cache/nixboot-test"))
 
 # What the VM needs as modules (Debian builds them as modules, not into the kernel).
@@ -52,7 +53,7 @@ exec /bin/sh /nixboot/stage1.sh run
 """
 
 
-class InitrdError(RuntimeError):
+class InitrdError(VmLabError):
     """The initrd cannot be built; the message says what is missing."""
 
 
@@ -225,7 +226,7 @@ def _inputs(kernel: Kernel, order: list[str]) -> list[tuple[str, Path | bytes]]:
     """(path in the initrd, source file or content): everything the initrd is made of."""
     items: list[tuple[str, Path | bytes]] = [
         ("init", INIT.encode()),
-        ("nixboot/stage1.sh", STAGE1),
+        ("nixboot/stage1.sh", deploy_file("nixos", "client", "stage1.sh")),
         ("bin/busybox", Path(BUSYBOX)),
         ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
         ("etc/group", b"root:x:0:\nnixbld:x:30000:\n"),
