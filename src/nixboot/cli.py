@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from nixboot import demo
 from nixboot import status as status_mod
 from nixboot.supervisor import SERVICES, Supervisor
 from nixboot_shared.config import Config, ConfigError, load
@@ -109,6 +110,7 @@ def _mount_service_clis() -> None:
 
 
 _mount_service_clis()
+app.add_typer(demo.app, name="demo")
 
 
 def main() -> None:
