@@ -47,7 +47,7 @@ def test_demo_vm_prints_the_boot_timeline() -> None:
         assert re.fullmatch(r"\+\d+\.\d\d", cells[1]) and re.fullmatch(r"\d+\.\d{3}", cells[2])
         assert "█" in cells[3], ln
     assert re.search(r"^per stage: menu [\d.]+ s, kernel ", out, re.M), out
-    assert re.search(r"closure: fetched 10 paths \(NAR \d+ bytes", out), out
+    assert re.search(r"closure: fetched [1-9]\d* paths \(NAR [1-9]\d* bytes", out), out
     assert "version=e2e-v1" in out, out
     # the demo removed its namespace (and with it the bridge, tap and its processes' sockets)
     assert {ns for ns in _netns() - before if ns.startswith("nb-demo-")} == set()
