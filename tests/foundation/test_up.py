@@ -208,3 +208,32 @@ def test_serve_without_nats_says_how_to_fix(tmp_path: Path, clean_env: dict[str,
         timeout=20,
     )
     assert r.returncode == 2 and "no NATS URL configured" in r.stderr
+
+
+@pytest.mark.parametrize("service", ["dhcp-hook", "cache"])  # uvicorn and granian
+def test_serve_on_a_taken_port_fails_clearly(
+    tmp_path: Path, clean_env: dict[str, str], nats_url: str, service: str
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        section = service.replace("-", "_").upper()
+        env = {
+            **clean_env,
+            "NIXBOOT_STATE_DIR": str(tmp_path),
+            "NIXBOOT_NATS__URL": nats_url,
+            f"NIXBOOT_{section}__HTTP__HOST": "127.0.0.1",
+            f"NIXBOOT_{section}__HTTP__PORT": str(port),
+        }
+        r = subprocess.run(
+            [sys.executable, "-m", "nixboot", "serve", service],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+    assert r.returncode != 0
+    assert "address already in use" in r.stderr.lower()

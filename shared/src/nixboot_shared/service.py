@@ -137,6 +137,10 @@ class NoNatsConfigured(RuntimeError):
     pass
 
 
+class ServerFailed(RuntimeError):
+    """The service's HTTP server stopped on its own (e.g. its port is taken)."""
+
+
 class _QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: the service frame owns SIGTERM/SIGINT and shuts
     down NATS consumers and threads in order (uvicorn would re-raise the signal afterwards)."""
@@ -214,6 +218,11 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> No
     done_waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([serve_task, done_waiter], return_when=asyncio.FIRST_COMPLETED)
     stop_server()
+    # The HTTP server ending by itself means it failed (a port in use, say): say so, exit non-zero.
+    failure: BaseException | None = None
+    if not done_waiter.done():
+        failure = serve_task.exception() or RuntimeError("the HTTP server stopped")
+    done_waiter.cancel()
     with contextlib.suppress(Exception):
         await serve_task
     for cleanup in reversed(ctx.cleanups):
@@ -225,6 +234,8 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> No
     # A pull subscription left mid-fetch can hold drain for nats-py's 30 s timeout: bound it.
     with contextlib.suppress(Exception):
         await asyncio.wait_for(nc.drain(), 5)
+    if failure is not None:
+        raise ServerFailed(f"http on {listen.host}:{listen.port}: {failure}")
     log.info("%s: stopped", name)
 
 
@@ -236,6 +247,9 @@ def run(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> int:
     except NoNatsConfigured as e:
         log.error("%s", e)
         return 2
+    except ServerFailed as e:
+        log.error("%s: %s", name, e)
+        return 1
     except OSError as e:
         log.error("%s: %s", name, e)
         return 1
