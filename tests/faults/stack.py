@@ -235,18 +235,10 @@ class FaultStack:
 
     async def closure_nar_bytes(self) -> int:
         """NAR bytes of one machine's closure (what the cache compresses into its directory)."""
-        nc = await nats.connect(self.nats_url)
-        try:
-            kv = await nc.jetstream().key_value(subjects.KV_GENERATIONS)
-            entry = await kv.get(subjects.mac_token(self.machines[0]))
-            mg = msgspec.json.decode(entry.value or b"", type=records.MachineGenerations)
-        finally:
-            await nc.close()
-        default = mg.default()
-        assert default is not None
+        toplevel = await self.default_toplevel()
         out = await asyncio.to_thread(
             subprocess.run,
-            ["nix", "path-info", "--json", "-r", default.toplevel],
+            ["nix", "path-info", "--json", "-r", toplevel],
             capture_output=True, text=True, check=True,
             env={**os.environ, "NIX_CONFIG": NIX_ENV_CONFIG},
         )  # fmt: skip
