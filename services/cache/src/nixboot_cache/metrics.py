@@ -27,3 +27,8 @@ ONE_SHOT_CONSUMED = Counter(
 DISK_FULL = Counter(
     "nixboot_cache_disk_full", "Compressions that failed because the cache directory was full"
 )
+LEASE_HANDOFF = Histogram(
+    "nixboot_cache_lease_handoff_seconds",
+    "From a warm decided on the lease thread to the main loop starting it",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+)

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from starlette.background import BackgroundTask
 
 from nixboot_cache import metrics, narextract, nix32
 from nixboot_cache.bootfiles import UpstreamBootFiles
+from nixboot_cache.leases import LeaseThread
 from nixboot_cache.narcache import (
     InFlight,
     NarCache,
@@ -261,7 +263,12 @@ class CacheService:
         except Exception as e:  # NATS down: the menu is served anyway; the pin may apply again
             log.error("could not consume the one-shot pin of %s: %s", mg.mac, e)
 
-    async def warm_for_mac(self, mac: str, kv: KeyValue, trigger: str) -> None:
+    async def generations_for_lease(
+        self, mac: str, kv: KeyValue
+    ) -> tuple[MachineGenerations | None, bool]:
+        """What a lease of ``mac`` boots, and whether it was read from KV (not in the view yet).
+        Runs on the lease thread: it only reads the watched view (dict lookups, atomic under the
+        GIL) and asks KV through that thread's ``kv``."""
         token = subjects.mac_token(mac)
         # The watched view answers at once; asking KV costs a round trip while a storm keeps
         # NATS busy (lease → warm started is on every boot's critical path).
@@ -272,14 +279,44 @@ class CacheService:
             except Exception:  # KeyNotFoundError and friends: a machine with no generations yet
                 entry = None
             if entry is not None and entry.value:
-                mg = msgspec.json.decode(entry.value, type=MachineGenerations)
-                self.gens.by_mac[token] = mg
-            else:
-                # An unknown machine boots the fallback (if any): warm that.
-                mg, _ = self.gens.for_menu(token, self.cfg.fallback_attr)
+                return msgspec.json.decode(entry.value, type=MachineGenerations), True
+            # An unknown machine boots the fallback (if any): warm that.
+            mg, _ = self.gens.for_menu(token, self.cfg.fallback_attr)
+        return mg, False
+
+    async def decide_lease(
+        self, event: events.LeaseSeen, kv: KeyValue
+    ) -> Callable[[], None] | None:
+        """On the lease thread: the main-loop call that starts this lease's warms, if any."""
+        if not event.mac or event.lease_kind == "release":
+            return None
+        mac = event.mac
+        mg, from_kv = await self.generations_for_lease(mac, kv)
+        if mg is None:
+            log.info("lease of %s: no generations, nothing to warm", mac)
+            return None
+        decided = time.time()
+
+        def handoff() -> None:
+            metrics.LEASE_HANDOFF.observe(max(0.0, time.time() - decided))
+            self.start_warms(mac, mg, "lease", decided, remember=from_kv)
+
+        return handoff
+
+    async def warm_for_mac(self, mac: str, kv: KeyValue, trigger: str) -> None:
+        mg, from_kv = await self.generations_for_lease(mac, kv)
         if mg is None:
             log.info("lease of %s: no generations, nothing to warm", mac)
             return
+        self.start_warms(mac, mg, trigger, time.time(), remember=from_kv)
+
+    def start_warms(
+        self, mac: str, mg: MachineGenerations, trigger: str, decided: float, *, remember: bool
+    ) -> None:
+        """On the main loop: warm the default and the newest generation's closures.
+        ``remember``: ``mg`` was read from KV; the view keeps it unless the watch was faster."""
+        if remember:
+            self.gens.by_mac.setdefault(subjects.mac_token(mac), mg)
         tops = []
         default = mg.default()
         newest = mg.newest_first()[:1]
@@ -287,7 +324,7 @@ class CacheService:
             if g is not None and g.toplevel not in tops:
                 tops.append(g.toplevel)
         for top in tops:
-            task = self.warmer.warm(top, mac, trigger)
+            task = self.warmer.warm(top, mac, trigger, decided=decided)
             task.add_done_callback(_log_failure)
         if self.boot_files is not None:
             # Kernel and initrd are asked for right after the menu: have them out of their NARs.
@@ -583,16 +620,12 @@ def main(cfg: Config) -> int:
         svc.kv_generations = kv
         ctx.spawn(_watch_generations(svc, kv), "generations-watch")
 
-        async def on_event(event: events.AnyEvent) -> None:
-            if isinstance(event, events.LeaseSeen) and event.mac and event.lease_kind != "release":
-                await svc.warm_for_mac(event.mac, kv, "lease")
-
-        await bus.subscribe_events(
-            ctx.js,
-            on_event,
-            durable=warm_durable(cfg),
-            filter_subject=LEASE_EVENTS,
+        # Lease events are read on a thread of their own (nixboot_cache.leases: why).
+        lease_thread = LeaseThread(
+            cfg, warm_durable(cfg), LEASE_EVENTS, svc.decide_lease, "nixboot-cache-leases"
         )
+        await lease_thread.start()
+        ctx.cleanups.append(lease_thread.stop)
 
         async def stop_executor() -> None:
             svc.executor.shutdown(wait=False, cancel_futures=True)

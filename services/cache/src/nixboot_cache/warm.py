@@ -58,15 +58,22 @@ class Warmer:
         self.started = 0  # warms actually run (deduplicated), for tests and /metrics
 
     def warm(
-        self, toplevel: str, mac: str | None, trigger: str = "lease"
+        self,
+        toplevel: str,
+        mac: str | None,
+        trigger: str = "lease",
+        *,
+        decided: float | None = None,
     ) -> asyncio.Task[WarmResult]:
-        """The warm of ``toplevel``: the running one if any, else a new one."""
+        """The warm of ``toplevel``: the running one if any, else a new one. ``decided``: when
+        the lease thread decided it (default: now)."""
         task = self._running.get(toplevel)
         if task is not None and not task.done():
             return task
         self.started += 1
         # The warm starts now (its event says so), though the closure query runs in a thread.
-        task = asyncio.ensure_future(self._warm(toplevel, mac, trigger, time.time()))
+        started = time.time() if decided is None else decided
+        task = asyncio.ensure_future(self._warm(toplevel, mac, trigger, started))
         self._running[toplevel] = task
         task.add_done_callback(lambda _t: self._running.pop(toplevel, None))
         return task
