@@ -35,6 +35,7 @@ DRAIN_INTERVAL_SECONDS = 2.0
 PUBLISH_ATTEMPTS = 3
 RETRANSMIT_SECONDS = 3.0
 MAX_CONCURRENT = 64  # lease payloads in flight (distinct MACs proceed in parallel)
+MAX_REMEMBERED = 100_000  # MAC keys whose last write this instance remembers
 
 LEASE_CHANGES = Counter("nixboot_dhcp_lease_changes", "Lease changes recorded", ["source", "kind"])
 STALE = Counter(
@@ -133,8 +134,25 @@ class Recorder:
         # One change at a time per MAC in this process (asyncio locks wake waiters in FIFO order,
         # so arrival order is kept); compare-and-set guards against other instances.
         self.locks: dict[str, asyncio.Lock] = {}
+        # What this instance last wrote per MAC key, with its revision: the next change of that
+        # MAC skips the KV read before publishing (a round trip on the lease → event path, slow
+        # while a storm keeps NATS busy). Another instance's write in between makes the
+        # compare-and-set fail, and the retry reads KV.
+        self.written: dict[str, tuple[records.Lease, int]] = {}
+
+    async def _current(self, key: str) -> tuple[records.Lease | None, int | None]:
+        mine = self.written.get(key)
+        if mine is not None:
+            return mine
+        return await self._get(key)
+
+    def _remember(self, key: str, lease: records.Lease, revision: int) -> None:
+        if len(self.written) >= MAX_REMEMBERED and key not in self.written:
+            self.written.clear()  # far beyond any fleet: start over rather than grow
+        self.written[key] = (lease, revision)
 
     async def _get(self, key: str) -> tuple[records.Lease | None, int | None]:
+        self.written.pop(key, None)
         try:
             entry = await self.kv.get(key)
         except KeyNotFoundError:
@@ -167,7 +185,7 @@ class Recorder:
     async def _record(self, c: LeaseChange) -> str:
         event = to_event(c)
         token = subjects.mac_token(c.mac)
-        current, revision = await self._get(token)
+        current, revision = await self._current(token)
         if current is not None and (
             (current.server_ts, current.seen, current.ip, current.kind)
             == (c.server_ts, c.ts, c.ip, c.kind)
@@ -205,12 +223,13 @@ class Recorder:
             value = msgspec.json.encode(lease)
             try:
                 if revision is None:
-                    await self.kv.create(token, value)
+                    new_revision = await self.kv.create(token, value)
                 else:
-                    await self.kv.update(token, value, last=revision)
+                    new_revision = await self.kv.update(token, value, last=revision)
             except KeyWrongLastSequenceError:
                 current, revision = await self._get(token)
                 continue
+            self._remember(token, lease, new_revision)
             await self._update_ip_index(c, token, current)
             return event.id
         raise RuntimeError(f"lease map key {token} keeps changing under us")
