@@ -93,6 +93,9 @@ async def test_lease_warms_once_and_serves_boot(
     await asyncio.sleep(0.5)
     assert sorted(e.toplevel for e in started) == sorted([nixfx.gen1.toplevel, nixfx.gen2.toplevel])  # type: ignore[union-attr]
     assert len(finished) == 2
+    # The leases were taken on the cache's lease thread and handed to its main loop: the five
+    # non-release leases, each decided there and handed over once (the warms joined).
+    assert cache_server.metric("nixboot_cache_lease_handoff_seconds_count") == 5
     f1 = next(e for e in finished if e.toplevel == nixfx.gen1.toplevel)  # type: ignore[union-attr]
     assert f1.paths == len(nixfx.gen1.paths)  # type: ignore[union-attr]
     assert f1.bytes == sum(int(p["narSize"]) for p in nixfx.gen1.paths)  # type: ignore[union-attr, call-overload]
