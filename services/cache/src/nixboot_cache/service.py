@@ -645,12 +645,13 @@ def main(cfg: Config) -> int:
             cfg, warm_durable(cfg), LEASE_EVENTS, svc.decide_lease, "nixboot-cache-leases"
         )
         await lease_thread.start()
-        ctx.cleanups.append(lease_thread.stop)
 
         async def stop_executor() -> None:
             svc.executor.shutdown(wait=False, cancel_futures=True)
 
         ctx.cleanups.append(stop_executor)
+        # Cleanups run last-added first: no lease reaches a warmer whose executor is gone.
+        ctx.cleanups.append(lease_thread.stop)
         if svc.upstream is not None:
             ctx.cleanups.append(svc.upstream.close)
         # The cache owns boot correlation: it receives the stage reports (docs/observability.md).
