@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cpu
 import httpx
 import machine
 import msgspec
@@ -298,12 +299,21 @@ async def one_cell(
     hook_argv = with_real_interpreter(stack.hook_argv())
     walls: dict[str, list[float]] = {"nixboot": [], "classic": []}
     results: dict[str, list[BootResult]] = {"nixboot": [], "classic": []}
+    cpu_s: dict[str, dict[str, float]] = {"nixboot": {}, "classic": {}}
+
+    def add_cpu(name: str, used: dict[str, float]) -> None:
+        for k, v in used.items():
+            cpu_s[name][k] = cpu_s[name].get(k, 0.0) + v
+
+    classic_pids = {"tftpd-hpa": classic.procs[0].pid, "nginx": classic.procs[1].pid}
     warm_ms: list[tuple[float, float]] = []
     renders_before = await render_share(stack)
     for _ in range(args.repeat):
         if mode == "cold":
             stack.restart_cache_cold()
         since = time.time()
+        stack_pids = {name: proc.pid for name, proc in stack.procs.items()}
+        before = cpu.snapshot(stack_pids)
         wall, res = await storm(
             targets["nixboot"],
             stack.cache_url,
@@ -314,9 +324,11 @@ async def one_cell(
             key,
             root,
         )
+        add_cpu("nixboot", cpu.delta(before, cpu.snapshot(stack_pids)))
         walls["nixboot"].append(wall)
         results["nixboot"] += res
         warm_ms += await lease_to_warm_ms(stack, since)
+        before = cpu.snapshot(classic_pids)
         wall, res = await storm(
             targets["classic"],
             classic.url,
@@ -327,6 +339,7 @@ async def one_cell(
             classic.public_key(),
             root,
         )
+        add_cpu("classic", cpu.delta(before, cpu.snapshot(classic_pids)))
         walls["classic"].append(wall)
         results["classic"] += res
     renders_after = await render_share(stack)
@@ -335,6 +348,10 @@ async def one_cell(
         wall = statistics.median(walls[name])
         row = summarize(name, n, g, mode, wall, results[name])
         row["runs_s"] = [round(w, 3) for w in walls[name]]
+        # CPU per machine booted, by process (the hook commands run beside nixboot's storm).
+        row["cpu_ms_per_machine"] = {
+            k: round(v * 1000 / (n * args.repeat), 2) for k, v in sorted(cpu_s[name].items())
+        }
         rows.append(row)
     totals = [t for t, _ in warm_ms]
     rows[0]["lease_to_warm_p99_ms"] = round(p(totals, 0.99), 2) if warm_ms else None
@@ -355,6 +372,14 @@ async def one_cell(
         ),
         flush=True,
     )
+    for row in rows:
+        used = row["cpu_ms_per_machine"]
+        assert isinstance(used, dict)
+        print(
+            f"    CPU ms/machine {row['stack']:8}: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in used.items() if v >= 0.05),
+            flush=True,
+        )
     return rows
 
 
