@@ -27,3 +27,8 @@ ONE_SHOT_CONSUMED = Counter(
 DISK_FULL = Counter(
     "nixboot_cache_disk_full", "Compressions that failed because the cache directory was full"
 )
+CHAIN_REQUESTERS = Counter(
+    "nixboot_cache_ipxe_chain_requesters",
+    "boot.ipxe requests by how the machine was named: lease (map), menu (its /ipxe/<mac>), unknown",
+    ["via"],
+)
