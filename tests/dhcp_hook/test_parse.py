@@ -46,7 +46,7 @@ def test_dnsmasq_arch_from_vendor_class_without_tag() -> None:
 
 
 def test_dnsmasq_lease_from_its_lease_file_is_marked() -> None:
-    # What dnsmasq 2.89 passes for a lease read back from its lease file at start-up.
+    # What dnsmasq 2.90 passes for a lease read back from its lease file at start-up.
     env = {
         "DNSMASQ_DATA_MISSING": "1",
         "DNSMASQ_LEASE_EXPIRES": "1795642110",

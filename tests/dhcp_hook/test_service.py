@@ -98,7 +98,7 @@ async def test_retransmit_in_same_second_is_one_event(
 async def test_lease_file_replay_unknown_to_the_map_opens_no_retransmit_window(
     hook_service: HookService, bus_reader: Bus, tmp_path: Path
 ) -> None:
-    """dnsmasq's start-up replay (``old`` + DNSMASQ_DATA_MISSING, as dnsmasq 2.89 calls the
+    """dnsmasq's start-up replay (``old`` + DNSMASQ_DATA_MISSING, as dnsmasq 2.90 calls the
     script) of a lease the map does not know (a fresh deployment) is published and applied; the
     client's request a second later (dnsmasq marks it DATA_MISSING too, and moves the expiry) is
     published as well, not taken for a retransmit. Told once more unchanged: nothing."""

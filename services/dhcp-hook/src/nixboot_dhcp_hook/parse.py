@@ -69,7 +69,7 @@ class LeaseChange:
     user_class: str | None = None
     vendor_class: str | None = None
     # dnsmasq knows this lease from its lease file (``old`` with DNSMASQ_DATA_MISSING: the client's
-    # options are not in the file). Set on its start-up replay of the file and, as dnsmasq 2.89
+    # options are not in the file). Set on its start-up replay of the file and, as dnsmasq 2.90
     # does it, on the client's renewals of such a lease too.
     from_lease_file: bool = False
 
