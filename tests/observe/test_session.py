@@ -301,3 +301,22 @@ def test_stage1_dhcp_lease_is_not_taken_for_a_late_boot_lease() -> None:
     state = feed([*events[1:], stage1_lease])  # the boot's own lease never arrived
     [s] = se.segment(state.events, RULES)
     assert "dhcp" not in durations(s) and "bootloader" in durations(s)
+
+
+def test_ipxe_late_lease_timeline_view_starts_at_its_first_stage() -> None:
+    """The boot.ipxe event is stamped at its transfer's end and the late lease after it: the
+    view (HTTP API, ``nixboot timeline``) starts at the first stage, so no stage starts at a
+    negative offset in the waterfall."""
+    from rich.console import Console
+
+    from nixboot_cache.timeline import views
+    from nixboot_cache.timeline.cli import print_waterfall
+
+    t0 = 1.75e9
+    events, _ = ipxe(t0, "b1", 0.05)
+    [view] = views.machine_timeline(feed(events), t0 + 1000, RULES, boots=1)
+    assert view["start"] == view["stages"][0]["start"] == t0 < min(e.ts for e in events)
+    console = Console(width=100, record=True)
+    print_waterfall(MAC, view, console)
+    text = console.export_text()
+    assert "+-" not in text and "│ dhcp       │  +0.00 │   0.000 │" in text, text
