@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -147,6 +148,8 @@ def write_config(tmp: Path) -> Path:
     path.write_text(
         f'state_dir = "{tmp / "live-state"}"\n'
         f'[cache.http]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+        f'[tftp]\nhost = "127.0.0.1"\nport = {free_port(socket.SOCK_DGRAM)}\n'
+        f"[tftp.http]\nport = {free_port()}\n"
         "[timeline]\ntick_seconds = 0.2\nsettle_seconds = 0.5\n"
     )
     return path
@@ -288,6 +291,130 @@ async def test_cache_in_replay_mode_derives_the_original_run_apart_from_live(
     assert on_live == []
     assert await live_snapshot(js) == before
     assert files_under(tmp_path / "live-state") == live_files
+
+
+MAC2 = "52:54:00:7e:91:02"
+
+
+def curl_tftp(port: int, name: str) -> None:
+    subprocess.run(
+        [tool("curl"), "-sS", "--max-time", "20", "-o", os.devnull, f"tftp://127.0.0.1:{port}/{name}"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+
+
+def transfer_keys(evs: list[events.AnyEvent]) -> list[tuple[Any, ...]]:
+    """What the TFTP service derives from a transfer, without ids, times and boot ids."""
+    out: list[tuple[Any, ...]] = []
+    for e in evs:
+        if isinstance(e, events.BootFileRequested):
+            out.append((e.kind, e.mac, e.file, e.file_kind, e.bytes, e.result))
+        elif isinstance(e, events.MenuServed):
+            out.append((e.kind, e.mac, e.format, e.default_generation, e.generations, e.fallback))
+    return sorted(out, key=repr)
+
+
+async def test_tftp_in_replay_mode_learns_the_replayed_lease(
+    nc: Client, isolated_nats_url: str, tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    """The TFTP service learns leases from lease events: a boot program fetched from an address is
+    attributed to the MAC that leased it. In replay mode the lease comes from the replayed events
+    (the live leases bucket does not know this machine), and the transfer events go under the
+    prefix with the same content as the original run's."""
+    js = nc.jetstream()
+    top = store_toplevel(tmp_path)
+    gen = Generation(
+        number=3, toplevel=top, kernel=f"{top}/kernel", initrd=f"{top}/initrd",
+        kernel_params="", init=f"{top}/init",
+    )  # fmt: skip
+    kv_gens = await js.key_value(subjects.KV_GENERATIONS)
+    await kv_gens.put(
+        subjects.mac_token(MAC2),
+        msgspec.json.encode(MachineGenerations(mac=MAC2, generations=[gen])),
+    )
+    config = write_config(tmp_path)
+    env = {**clean_env, "NIXBOOT_NATS__URL": isolated_nats_url}
+    serve = [sys.executable, "-m", "nixboot", "serve", "tftp", "--config", str(config)]
+    menu = f"pxelinux.cfg/01-{MAC2.replace(':', '-')}"
+
+    async def run_boot(proc: ServiceProc, publish_lease: Callable[[], Awaitable[None]]) -> int:
+        http = int((await proc.wait_line(r"tftp: http \(\w+\) on 127\.0\.0\.1:(\d+)"))[1])
+        udp = int((await proc.wait_line(r"tftp: serving \S+ on udp 127\.0\.0\.1:(\d+)"))[1])
+        known = httpx.get(f"http://127.0.0.1:{http}/tftp/status").json()["leases"]
+        await publish_lease()
+
+        async def learned() -> bool:
+            status = httpx.get(f"http://127.0.0.1:{http}/tftp/status").json()
+            return bool(status["leases"] == known + 1)
+
+        await wait_for(learned, "the TFTP service learned the lease from its event")
+        curl_tftp(udp, "pxelinux.0")
+        curl_tftp(udp, menu)
+        return udp
+
+    # The original run: the lease event as the DHCP hook publishes it, then the machine's fetches.
+    live = ServiceProc(serve, env)
+    lease = events.LeaseSeen(mac=MAC2, ip="127.0.0.1", arch="bios")
+
+    async def publish_live() -> None:
+        await bus.publish(js, lease)
+
+    live_udp = await run_boot(live, publish_live)
+
+    async def live_done() -> bool:
+        return len(transfer_keys(await stored(js, MAC2))) == 3
+
+    await wait_for(live_done, "the live TFTP service published its transfers")
+    original = await stored(js, MAC2)
+    want = transfer_keys(original)
+    assert [k[0] for k in want].count("boot-file") == 2 and ("menu" in [k[0] for k in want])
+    assert all(k[1] == MAC2 for k in want)  # pxelinux.0 too: attributed through the lease
+    assert live.stop() == 0
+
+    before = await live_snapshot(js)
+    prefix = "dbg.tftp"
+    under_prefix: list[Msg] = []
+    on_live: list[Msg] = []
+
+    async def got_prefixed(m: Msg) -> None:
+        under_prefix.append(m)
+
+    async def got_live(m: Msg) -> None:
+        on_live.append(m)
+
+    subs = [await nc.subscribe(f"{prefix}.>", cb=got_prefixed)]
+    subs.append(await nc.subscribe(f"{subjects.PREFIX}.>", cb=got_live))
+    await nc.flush()
+    rp = ServiceProc([*serve[:5], "--replay", prefix, *serve[5:]], env)
+    await rp.wait_line(r"tftp: REPLAY MODE: consuming dbg\.tftp\.nixboot\.evt\.>")
+
+    async def replay_lease() -> None:
+        out = subprocess.run(
+            [sys.executable, "-m", "nixboot", "replay", "--mac", MAC2, "--type", "lease",
+             "--since", "10m", "--speed", "max", "--to", prefix],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0 and "republished 1 events" in out.stderr, out.stderr
+
+    replay_udp = await run_boot(rp, replay_lease)
+    assert replay_udp != live_udp
+
+    def derived() -> list[events.AnyEvent]:
+        evs = [events.decode(m.data) for m in under_prefix]
+        return [e for e in evs if e.id != lease.id]
+
+    async def replay_done() -> bool:
+        return len(transfer_keys(derived())) == 3
+
+    await wait_for(replay_done, "the replay TFTP service published its transfers")
+    assert transfer_keys(derived()) == want
+    assert all(m.subject.startswith(f"{prefix}.{subjects.PREFIX}.evt.") for m in under_prefix)
+    assert rp.stop() == 0, "\n".join(rp.lines[-20:])
+    await nc.flush()
+    for s in subs:
+        await s.unsubscribe()
+    assert on_live == []
+    assert await live_snapshot(js) == before
 
 
 def test_bad_prefix_exits_2_and_starts_nothing(
