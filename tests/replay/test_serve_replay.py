@@ -493,6 +493,8 @@ async def test_replay_bus_refuses_live_changes(nc: Client) -> None:
         assert "probe" not in [c.name for c in await js.consumers_info(subjects.EVENTS_STREAM)]
         with pytest.raises(replay.ReplayRefused):
             await rb.js.pull_subscribe(subjects.BUILDS_SUBJECTS, durable="nixboot-builder")
+        # Reading the stored events (ephemeral, no acks: POST /replay, the CLI) still works.
+        assert len(await stored(rb.js, MAC)) == len(await stored(js, MAC))
         for refused in (
             rb.js.purge_stream(subjects.EVENTS_STREAM),
             rb.js.delete_consumer(subjects.EVENTS_STREAM, "nixboot-timeline"),
