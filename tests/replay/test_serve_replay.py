@@ -136,8 +136,8 @@ def files_under(path: Path) -> dict[str, int]:
 
 
 @pytest.fixture
-async def nc(isolated_nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(isolated_nats_url)
+async def nc(fresh_nats_url: str) -> AsyncIterator[Client]:
+    client = await nats.connect(fresh_nats_url)
     await bus.bootstrap(client.jetstream())
     yield client
     await client.close()
@@ -164,7 +164,7 @@ def warm_keys(evs: list[events.AnyEvent]) -> list[tuple[str, str | None, str]]:
 
 
 async def test_cache_in_replay_mode_derives_the_original_run_apart_from_live(
-    nc: Client, isolated_nats_url: str, tmp_path: Path, clean_env: dict[str, str]
+    nc: Client, fresh_nats_url: str, tmp_path: Path, clean_env: dict[str, str]
 ) -> None:
     js = nc.jetstream()
     token = subjects.mac_token(MAC)
@@ -178,7 +178,7 @@ async def test_cache_in_replay_mode_derives_the_original_run_apart_from_live(
     kv_leases = await js.key_value(subjects.KV_LEASES)
     await kv_leases.put(token, msgspec.json.encode(Lease(mac=MAC, ip="10.0.0.5")))
     config = write_config(tmp_path)
-    env = {**clean_env, "NIXBOOT_NATS__URL": isolated_nats_url}
+    env = {**clean_env, "NIXBOOT_NATS__URL": fresh_nats_url}
     serve = [sys.executable, "-m", "nixboot", "serve", "cache", "--config", str(config)]
 
     # The original run: the live cache takes a boot's events as dhcp-hook, tftp and the booting
@@ -314,7 +314,7 @@ def transfer_keys(evs: list[events.AnyEvent]) -> list[tuple[Any, ...]]:
 
 
 async def test_tftp_in_replay_mode_learns_the_replayed_lease(
-    nc: Client, isolated_nats_url: str, tmp_path: Path, clean_env: dict[str, str]
+    nc: Client, fresh_nats_url: str, tmp_path: Path, clean_env: dict[str, str]
 ) -> None:
     """The TFTP service learns leases from lease events: a boot program fetched from an address is
     attributed to the MAC that leased it. In replay mode the lease comes from the replayed events
@@ -332,7 +332,7 @@ async def test_tftp_in_replay_mode_learns_the_replayed_lease(
         msgspec.json.encode(MachineGenerations(mac=MAC2, generations=[gen])),
     )
     config = write_config(tmp_path)
-    env = {**clean_env, "NIXBOOT_NATS__URL": isolated_nats_url}
+    env = {**clean_env, "NIXBOOT_NATS__URL": fresh_nats_url}
     serve = [sys.executable, "-m", "nixboot", "serve", "tftp", "--config", str(config)]
     menu = f"pxelinux.cfg/01-{MAC2.replace(':', '-')}"
 
@@ -417,10 +417,10 @@ async def test_tftp_in_replay_mode_learns_the_replayed_lease(
 
 
 def test_bad_prefix_exits_2_and_starts_nothing(
-    isolated_nats_url: str, tmp_path: Path, clean_env: dict[str, str]
+    fresh_nats_url: str, tmp_path: Path, clean_env: dict[str, str]
 ) -> None:
     config = write_config(tmp_path)
-    env = {**clean_env, "NIXBOOT_NATS__URL": isolated_nats_url}
+    env = {**clean_env, "NIXBOOT_NATS__URL": fresh_nats_url}
     before = set(Path(tempfile.gettempdir()).glob("nixboot-replay-*"))
     cases = [
         ("cache", "nixboot.evt", "would reach live nixboot. subjects"),
