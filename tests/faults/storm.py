@@ -20,6 +20,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nixboot_shared import events, records, subjects
 from tests.faults import client
 from tests.faults.stack import SERVICES, FaultStack
+from tests.harness.stack import connect
 
 Fault = Callable[[FaultStack], Awaitable[None]]
 
@@ -131,7 +132,7 @@ def _decodes(data: bytes) -> bool:
 async def read_stream(nats_url: str, since: float, *, raw: bool = False) -> list[tuple[str, bytes]]:
     """The stream's messages since ``since``. Undecodable ones (the bad-input tests put some
     there on purpose) are left out unless ``raw``."""
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     out: list[tuple[str, bytes]] = []
     try:
         js = nc.jetstream()
@@ -196,7 +197,7 @@ async def check_events(
 
 
 async def check_kv(stack: FaultStack, out: Outcome, macs: list[str]) -> None:
-    nc = await nats.connect(stack.nats_url)
+    nc = await connect(stack.nats_url)
     try:
         js = nc.jetstream()
         leases = await js.key_value(subjects.KV_LEASES)
