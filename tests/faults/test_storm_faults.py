@@ -14,8 +14,8 @@ import pytest
 
 from nixboot_shared import events
 from tests.faults import storm
-from tests.faults.conftest import CLUSTER_MACHINES, PAYLOAD_KIB, Storms, macs
-from tests.faults.stack import FaultStack, prepare_flake, wait_generations, write_knobs
+from tests.faults.conftest import CLUSTER_MACHINES, PAYLOAD_KIB, Storms, macs, started_stack
+from tests.faults.stack import FaultStack, wait_generations, write_knobs
 
 TABLE: list[storm.Outcome] = []
 
@@ -93,18 +93,7 @@ def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultSta
     the nodes starting at a different one. Its flake has the session's content, so nix finds
     the generation already built."""
     root = tmp_path_factory.mktemp("faults-cluster")
-    flake = prepare_flake(root, PAYLOAD_KIB)
-    s = FaultStack(root / "stack", flake, macs(CLUSTER_MACHINES, 1), nats_nodes=3)
-    s.root.mkdir()
-    try:
-        s.start()
-        asyncio.run(wait_generations(s.nats_url, s.machines, timeout=240))
-        yield s
-    except BaseException:
-        print(s.logs())
-        raise
-    finally:
-        s.stop()
+    yield from started_stack(root, macs(CLUSTER_MACHINES, 1), nats_nodes=3)
 
 
 async def test_cluster_node_restart_mid_storm(cluster_stack: FaultStack) -> None:
