@@ -45,7 +45,7 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
         ):
             return
         time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
 async def connect(nats_url: str) -> Client:
