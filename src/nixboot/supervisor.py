@@ -148,8 +148,13 @@ class Supervisor:
         if n.nkey_seed_file:
             import nkeys  # type: ignore[import-untyped]
 
-            seed = Path(n.nkey_seed_file).read_bytes().strip()
-            public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+            try:
+                seed = bytearray(Path(n.nkey_seed_file).read_bytes().strip())
+                public = nkeys.from_seed(seed).public_key.decode()
+            except Exception:  # nkeys' errors could quote the seed: name the file only
+                raise StartFailed(
+                    f"nats.nkey_seed_file: {n.nkey_seed_file} is no valid seed"
+                ) from None
             return f"authorization {{\n  users = [ {{ nkey: {json.dumps(public)} }} ]\n}}\n"
         if n.password_file:
             user, password = n.user, Path(n.password_file).read_text().strip()

@@ -368,3 +368,51 @@ def test_up_embedded_nats_requires_the_generated_password(tmp_path: Path) -> Non
         {"up output": service_logs, "status": status.stdout, "events": events.stdout},
         [password],
     )
+
+
+@pytest.mark.parametrize("variant", ["generated", "password_file", "nkey", "off"])
+async def test_embedded_server_configuration_variants(tmp_path: Path, variant: str) -> None:
+    """What `nixboot up` writes for its embedded nats-server, run by the real server: clients
+    with the configured secret get in, anonymous ones only with `embedded_auth = false`."""
+    from nixboot.supervisor import Supervisor
+    from nixboot_shared.config import load
+
+    port = free_port()
+    env = {"NIXBOOT_STATE_DIR": str(tmp_path / "state"), "NIXBOOT_NATS__EMBEDDED_PORT": str(port)}
+    secret = ""
+    if variant == "password_file":
+        secret = os.urandom(16).hex()
+        pw = secret_file(tmp_path / "pw", secret)
+        env |= {"NIXBOOT_NATS__USER": "ops", "NIXBOOT_NATS__PASSWORD_FILE": str(pw)}
+    elif variant == "nkey":
+        seed_file, secret, _ = user_nkey(tmp_path)
+        env["NIXBOOT_NATS__NKEY_SEED_FILE"] = str(seed_file)
+    elif variant == "off":
+        env["NIXBOOT_NATS__EMBEDDED_AUTH"] = "false"
+    cfg = load(None, env)
+    lines: list[str] = []
+    sup = Supervisor(cfg, lines.append, env={})
+    cfg.state_path.mkdir(parents=True)
+    url = sup.start_nats()
+    try:
+        if variant == "generated":
+            secret = (cfg.state_path / "nats-password").read_text().strip()
+            # The services get the generated password through their environment.
+            assert sup.env["NIXBOOT_NATS__PASSWORD_FILE"] == str(cfg.state_path / "nats-password")
+        client = load(None, env | sup.env).nats_client()
+        nc = await bus.connect(url, "test", settings=client)
+        await nc.close()
+        if variant == "off":
+            nc = await bus.connect(url, "anonymous")
+            await nc.close()
+        else:
+            with pytest.raises(bus.NatsRefused):
+                await bus.connect(url, "anonymous")
+            conf = (cfg.state_path / "nats-server.conf").stat()
+            assert conf.st_mode & 0o777 == 0o600
+    finally:
+        sup.stop()
+    output = "\n".join(lines)
+    assert ("auth on" in output) == (variant != "off")
+    if secret:
+        assert_no_secret({"supervisor output": output}, [secret])
