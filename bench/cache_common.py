@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 NIX_CONFIG = "substituters =\nexperimental-features = nix-command flakes"
 VENV_BIN = Path(sys.executable).parent
@@ -85,17 +87,37 @@ in derivation {{
     return out
 
 
+def path_info(path: str, env: dict[str, str]) -> list[dict[str, Any]]:
+    """`nix path-info --json -r`: one dict per path of the closure."""
+    out = subprocess.run(
+        ["nix", "path-info", "--json", "-r", path],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    info: list[dict[str, Any]] = json.loads(out)
+    return info
+
+
 def closure_stats(path: str, env: dict[str, str]) -> tuple[int, int]:
-    info = json.loads(
-        subprocess.run(
-            ["nix", "path-info", "--json", "-r", path],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
+    info = path_info(path, env)
     return len(info), sum(p["narSize"] for p in info)
+
+
+def wrk(url: str, seconds: int = 5, conns: int = 16) -> tuple[float, str, str, str]:
+    """Requests/s, p50, p99 and transfer/s of `wrk` hammering one URL."""
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = re.search(r"50%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    xfer = re.search(r"Transfer/sec:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    return rps, p50, p99, xfer
 
 
 def nix_copy_file_cache(path: str, dest: Path, key: Path, env: dict[str, str]) -> float:

@@ -8,8 +8,6 @@ Needs granian in the venv (`uv pip install granian`) and wrk, nginx-light.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import shutil
 import subprocess
 import sys
@@ -25,56 +23,24 @@ from cache_common import (
     free_port,
     nix_copy_file_cache,
     nix_env,
+    path_info,
     substitute,
     synthetic_closure,
     wait_http,
+    wrk,
 )
-
-
-def wrk(url: str, seconds: int = 5, conns: int = 16) -> tuple[float, str, str, str]:
-    out = subprocess.run(
-        ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", url],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = re.search(r"50%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
-    xfer = re.search(r"Transfer/sec:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
-    return rps, p50, p99, xfer
 
 
 def start(server: str, state: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = cache_env(state, port)
     target = "nixboot_cache.asgi:create_app"
-    if server == "uvicorn":
-        argv = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            target,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ]
-    else:
-        argv = [
-            str(VENV_BIN / "granian"),
-            "--interface",
-            "asgi",
-            "--factory",
-            target,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-ws",
-        ]
+    # Each server's own spelling of "this factory, this port, quiet".
+    launcher = {
+        "uvicorn": [sys.executable, "-m", "uvicorn", "--no-access-log"],
+        "granian": [str(VENV_BIN / "granian"), "--interface", "asgi", "--no-ws"],
+    }[server]
+    argv = [*launcher, "--factory", target, "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/nix-cache-info")
@@ -101,15 +67,7 @@ def main() -> None:
             check=True,
         )
     nix_copy_file_cache(top, work / "filecache", key, env)
-    info = json.loads(
-        subprocess.run(
-            ["nix", "path-info", "--json", "-r", top],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    info = path_info(top, env)
     biggest = max(info, key=lambda p: p["narSize"])["path"]
     h = biggest.removeprefix("/nix/store/")[:32]
     state = Path(tempfile.mkdtemp(dir=work, prefix="state-"))

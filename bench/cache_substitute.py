@@ -8,7 +8,6 @@ cache compressing while it serves) vs `nix copy` (the floor), and narinfo reques
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import statistics
 import subprocess
@@ -24,20 +23,8 @@ from cache_common import (
     nix_env,
     substitute,
     synthetic_closure,
+    wrk,
 )
-
-
-def wrk(url: str, seconds: int = 5) -> tuple[float, str, str]:
-    out = subprocess.run(
-        ["wrk", "-t2", "-c16", f"-d{seconds}s", "--latency", url],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = re.search(r"50%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
-    return rps, p50, p99
 
 
 def main() -> None:
@@ -92,7 +79,7 @@ def main() -> None:
         h = leaf.removeprefix("/nix/store/")[:32]
         print(f"\n{'narinfo, wrk -c16 5s':32} {'req/s':>9} {'p50':>9} {'p99':>9}")
         for name, url in (("nginx", nginx.url), ("nixboot (granian, embedded)", ours.url)):
-            rps, p50, p99 = wrk(f"{url}/{h}.narinfo")
+            rps, p50, p99, _ = wrk(f"{url}/{h}.narinfo")
             print(f"{name:32} {rps:9.0f} {p50:>9} {p99:>9}")
     finally:
         nginx.stop()

@@ -20,7 +20,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,18 +28,12 @@ from pathlib import Path
 
 import httpx
 import nats
+from cache_common import VENV_BIN, Nats, free_port
 
 import nixboot_dhcp_hook.hook as hook
 from nixboot_shared import events
 
-VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -63,27 +56,13 @@ class Stack:
         self.root = root
         self.state = root / "state"
         self.state.mkdir()
-        self.nats_port = free_port()
         self.http_port = free_port()
-        self.nats = subprocess.Popen(
-            [
-                str(VENV_BIN / "nats-server"),
-                "-js",
-                "-sd",
-                str(root / "js"),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.nats_port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.nats = Nats(root)
         self.service: subprocess.Popen[bytes] | None = None
 
     @property
     def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.nats_port}"
+        return self.nats.url
 
     def start_service(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("NIXBOOT_")}
@@ -116,8 +95,7 @@ class Stack:
 
     def close(self) -> None:
         self.stop_service()
-        self.nats.terminate()
-        self.nats.wait(10)
+        self.nats.stop()
 
 
 async def lease_to_event(stack: Stack, rate: float, count: int) -> tuple[list[float], int]:

@@ -69,6 +69,15 @@ def nats_url(nats_server: NatsServer) -> str:
     return nats_server.url
 
 
+@pytest.fixture
+def fresh_nats_url(tmp_path: Path) -> Iterator[str]:
+    """A real nats-server with JetStream of this test's own (a fresh stream and buckets)."""
+    server = NatsServer(tmp_path / "js")
+    server.start()
+    yield server.url
+    server.stop()
+
+
 def tool(name: str) -> str:
     """Path of a required external tool; a missing one fails loudly (CI installs them)."""
     found = shutil.which(name) or (str(VENV_BIN / name) if (VENV_BIN / name).exists() else None)

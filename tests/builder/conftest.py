@@ -6,13 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nixboot_builder import demo
-from tests.conftest import NatsServer
 
 NIX_CONFIG = "substituters =\nexperimental-features = nix-command flakes"
 
@@ -25,12 +23,9 @@ def _nix_offline() -> None:
 
 
 @pytest.fixture
-def nats_url(tmp_path: Path) -> Iterator[str]:
-    """A real nats-server with JetStream of this test's own (a fresh stream and buckets)."""
-    server = NatsServer(tmp_path / "js")
-    server.start()
-    yield server.url
-    server.stop()
+def nats_url(fresh_nats_url: str) -> str:
+    """Every test here gets its own server: builds and warms leave state in the buckets."""
+    return fresh_nats_url
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NatsServer, free_port
+from tests.conftest import free_port
 
 FIXTURE = Path(__file__).parent / "fixture" / "system.nix"
 NIX_CONFIG = "substituters =\nexperimental-features = nix-command flakes"
@@ -90,12 +90,9 @@ def nix_keys(nixfx: NixFixture) -> tuple[str, str]:
 
 
 @pytest.fixture
-def nats_url(tmp_path: Path) -> Iterator[str]:
-    """A real nats-server with JetStream of this test's own (a fresh stream and buckets)."""
-    server = NatsServer(tmp_path / "js")
-    server.start()
-    yield server.url
-    server.stop()
+def nats_url(fresh_nats_url: str) -> str:
+    """Every test here gets its own server: builds and warms leave state in the buckets."""
+    return fresh_nats_url
 
 
 @dataclass

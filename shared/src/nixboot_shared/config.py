@@ -177,6 +177,9 @@ class Config(_Section):
     dhcp_hook: DhcpHookConfig = msgspec.field(default_factory=DhcpHookConfig)
     timeline: TimelineConfig = msgspec.field(default_factory=TimelineConfig)
     machines: list[MachineEntry] = msgspec.field(default_factory=list)
+    # Set by `nixboot serve <svc> --replay PREFIX` (nixboot_shared.replay), which also moves the
+    # state dir and listeners aside: the service consumes and publishes under PREFIX only.
+    replay_prefix: str = ""
 
     @property
     def state_path(self) -> Path:
@@ -280,6 +283,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"cache.instance: {cfg.cache.instance!r} must match [A-Za-z0-9_-]{{0,64}}"
         )
+    if cfg.replay_prefix:
+        from nixboot_shared.subjects import InvalidPrefix, check_replay_prefix
+
+        try:
+            check_replay_prefix(cfg.replay_prefix)
+        except InvalidPrefix as e:
+            raise ConfigError(f"replay_prefix: {e}") from None
     if cfg.builder.keep_generations < 1:
         raise ConfigError("builder.keep_generations: must be at least 1")
     if cfg.timeline.keep_sessions < 1:

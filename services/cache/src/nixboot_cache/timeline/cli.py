@@ -236,7 +236,8 @@ def replay(
     ] = None,
     server: str | None = typer.Option(None, "--server", "-s", help=SERVER_HELP),
 ) -> None:
-    """Republish past events under PREFIX.nixboot.evt...; live subjects stay untouched."""
+    """Republish past events under PREFIX.nixboot.evt...; live subjects stay untouched.
+    A service consumes them with `nixboot serve <service> --replay PREFIX` (start it first)."""
     try:
         stream.check_prefix(to)
     except stream.BadQuery as e:
