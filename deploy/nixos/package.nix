@@ -22,6 +22,7 @@ let
   py = python3Packages;
   shared = member "nixboot-shared" "shared" [
     py.nats-py
+    py.nkeys # nats-py[nkeys]: nkey and .creds authentication (the module's default for NATS)
     py.msgspec
     py.prometheus-client
   ];
