@@ -216,7 +216,7 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> No
             "no NATS URL configured (nats.url / NIXBOOT_NATS__URL): start the whole stack with "
             "`nixboot up`, which runs an embedded NATS, or point the service at your NATS"
         )
-    nc = await bus.connect(cfg.nats.url, f"nixboot-{name}", cfg.nats.credentials_file)
+    nc = await bus.connect(cfg.nats.url, f"nixboot-{name}", settings=cfg.nats)
     replay_bus: replay.ReplayBus | None = None
     sock: socket.socket | None = None
     if cfg.replay_prefix:
@@ -291,6 +291,9 @@ def run(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> int:
         log.error("%s", e)
         return 2
     except ServerFailed as e:
+        log.error("%s: %s", name, e)
+        return 1
+    except bus.NatsRefused as e:
         log.error("%s: %s", name, e)
         return 1
     except OSError as e:
