@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.stack import free_port, wait_port
+from tests.harness.stack import free_port as free_port  # re-exported for the test areas
+from tests.harness.stack import wait_port as wait_port
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -32,45 +29,11 @@ from nixboot_cache.timeline import stream
 from nixboot_shared import bus, events, replay, subjects
 from nixboot_shared.records import Generation, Lease, MachineGenerations
 from tests.conftest import free_port, tool
+from tests.harness.proc import OutputProc
 from tests.observe.observe_bootgen import boot_events
 
 MAC = "52:54:00:7e:91:01"
 NIX_CONFIG = "substituters =\nexperimental-features = nix-command flakes"
-
-
-class ServiceProc:
-    """A service as a user runs it, its output collected line by line."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    async def wait_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return m
-            if self.proc.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
-        pytest.fail(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines[-30:]))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(30)
-        self.reader.join(5)
-        return rc
 
 
 async def wait_for(cond: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
@@ -183,7 +146,7 @@ async def test_cache_in_replay_mode_derives_the_original_run_apart_from_live(
 
     # The original run: the live cache takes a boot's events as dhcp-hook, tftp and the booting
     # machine's reports put them into the stream.
-    live = ServiceProc(serve, env)
+    live = OutputProc(serve, env)
     live_port = int((await live.wait_line(r"cache: http \(\w+\) on 127\.0\.0\.1:(\d+)"))[1])
     await live.wait_line(r"cache: public key")
     boot, _ = boot_events(MAC, time.time() - 20, [0.4] * 11, "b0071")
@@ -224,7 +187,7 @@ async def test_cache_in_replay_mode_derives_the_original_run_apart_from_live(
     await nc.flush()
 
     # The replay run: the cache in replay mode, then the recorded events republished.
-    rp = ServiceProc([*serve[:5], "--replay", prefix, *serve[5:]], env)
+    rp = OutputProc([*serve[:5], "--replay", prefix, *serve[5:]], env)
     banner = await rp.wait_line(
         r"cache: REPLAY MODE: consuming dbg\.r1\.nixboot\.evt\.> .* publishing to dbg\.r1\."
         r".* KV copies (\S+) .* state dir (\S+); http on 127\.0\.0\.1:(\d+)"
@@ -336,7 +299,7 @@ async def test_tftp_in_replay_mode_learns_the_replayed_lease(
     serve = [sys.executable, "-m", "nixboot", "serve", "tftp", "--config", str(config)]
     menu = f"pxelinux.cfg/01-{MAC2.replace(':', '-')}"
 
-    async def run_boot(proc: ServiceProc, publish_lease: Callable[[], Awaitable[None]]) -> int:
+    async def run_boot(proc: OutputProc, publish_lease: Callable[[], Awaitable[None]]) -> int:
         http = int((await proc.wait_line(r"tftp: http \(\w+\) on 127\.0\.0\.1:(\d+)"))[1])
         udp = int((await proc.wait_line(r"tftp: serving \S+ on udp 127\.0\.0\.1:(\d+)"))[1])
         known = httpx.get(f"http://127.0.0.1:{http}/tftp/status").json()["leases"]
@@ -352,7 +315,7 @@ async def test_tftp_in_replay_mode_learns_the_replayed_lease(
         return udp
 
     # The original run: the lease event as the DHCP hook publishes it, then the machine's fetches.
-    live = ServiceProc(serve, env)
+    live = OutputProc(serve, env)
     lease = events.LeaseSeen(mac=MAC2, ip="127.0.0.1", arch="bios")
 
     async def publish_live() -> None:
@@ -384,7 +347,7 @@ async def test_tftp_in_replay_mode_learns_the_replayed_lease(
     subs = [await nc.subscribe(f"{prefix}.>", cb=got_prefixed)]
     subs.append(await nc.subscribe(f"{subjects.PREFIX}.>", cb=got_live))
     await nc.flush()
-    rp = ServiceProc([*serve[:5], "--replay", prefix, *serve[5:]], env)
+    rp = OutputProc([*serve[:5], "--replay", prefix, *serve[5:]], env)
     await rp.wait_line(r"tftp: REPLAY MODE: consuming dbg\.tftp\.nixboot\.evt\.>")
 
     async def replay_lease() -> None:

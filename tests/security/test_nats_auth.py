@@ -11,11 +11,9 @@ import json
 import os
 import random
 import re
-import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import nixboot_dhcp_hook.hook
 from nixboot_shared import bus
 from nixboot_shared.config import NatsConfig
 from tests.conftest import free_port
+from tests.harness.proc import SERVICES, OutputProc, write_up_config
 
 from .natsauth import NatsWithConfig, Pki, Service, base_env, secret_file, user_nkey
 
@@ -257,41 +256,19 @@ def test_a_server_certificate_from_another_ca_is_refused(tmp_path: Path) -> None
         s.server.stop()
 
 
-class Up:
+class Up(OutputProc):
     """`nixboot up` as a process, its output collected line by line."""
 
-    SERVICES = ("dhcp-hook", "tftp", "builder", "cache")
-
     def __init__(self, tmp: Path, nats_table: str, env: dict[str, str]) -> None:
-        self.ports = {name: free_port() for name in self.SERVICES}
+        self.ports = {name: free_port() for name in SERVICES}
         self.state = tmp / "state"
         self.config = tmp / "nixboot.toml"
-        self.config.write_text(
-            f'state_dir = "{self.state}"\n'
-            f"[nats]\n{nats_table}\n"
-            f'[tftp]\nhost = "127.0.0.1"\nport = {free_port()}\n'
-            f"[tftp.http]\nport = {self.ports['tftp']}\n"
-            f'[cache.http]\nhost = "127.0.0.1"\nport = {self.ports["cache"]}\n'
-            f"[builder.http]\nport = {self.ports['builder']}\n"
-            f"[dhcp_hook.http]\nport = {self.ports['dhcp-hook']}\n"
-        )
+        write_up_config(self.config, self.state, self.ports, free_port(), nats_table)
         self.env = base_env(self.state, {}) | env
         self.env.pop("NIXBOOT_STATE_DIR")
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nixboot", "up", "--config", str(self.config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            text=True,
+        super().__init__(
+            [sys.executable, "-m", "nixboot", "up", "--config", str(self.config)], self.env
         )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
 
     def healthy(self) -> bool:
         for port in self.ports.values():
@@ -310,12 +287,6 @@ class Up:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_cli(list(args), self.env | {"NIXBOOT_CONFIG": str(self.config)})
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        self.reader.join(5)
 
 
 def test_up_against_an_external_nats_with_tls_and_an_nkey(tmp_path: Path) -> None:
