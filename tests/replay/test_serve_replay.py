@@ -22,6 +22,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import NoKeysError, NotFoundError
 
@@ -34,6 +35,34 @@ from tests.observe.observe_bootgen import boot_events
 
 MAC = "52:54:00:7e:91:01"
 NIX_CONFIG = "substituters =\nexperimental-features = nix-command flakes"
+
+
+class Watch:
+    """Everything published under the replay prefix, and anything on the live subjects."""
+
+    def __init__(self) -> None:
+        self.under_prefix: list[Msg] = []
+        self.on_live: list[Msg] = []
+        self.subs: list[Subscription] = []
+
+    @classmethod
+    async def start(cls, nc: Client, prefix: str) -> Watch:
+        w = cls()
+
+        async def got_prefixed(m: Msg) -> None:
+            w.under_prefix.append(m)
+
+        async def got_live(m: Msg) -> None:
+            w.on_live.append(m)
+
+        w.subs.append(await nc.subscribe(f"{prefix}.>", cb=got_prefixed))
+        w.subs.append(await nc.subscribe(f"{subjects.PREFIX}.>", cb=got_live))
+        await nc.flush()
+        return w
+
+    async def stop(self) -> None:
+        for sub in self.subs:
+            await sub.unsubscribe()
 
 
 async def wait_for(cond: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
@@ -173,18 +202,8 @@ async def test_cache_in_replay_mode_derives_the_original_run_apart_from_live(
     live_files = files_under(tmp_path / "live-state")
     assert any(name.startswith("cache/") for name in live_files)  # the live warm's NARs
     prefix = "dbg.r1"
-    under_prefix: list[Msg] = []
-    on_live: list[Msg] = []
-
-    async def got_prefixed(m: Msg) -> None:
-        under_prefix.append(m)
-
-    async def got_live(m: Msg) -> None:
-        on_live.append(m)
-
-    subs = [await nc.subscribe(f"{prefix}.>", cb=got_prefixed)]
-    subs.append(await nc.subscribe(f"{subjects.PREFIX}.>", cb=got_live))
-    await nc.flush()
+    watch = await Watch.start(nc, prefix)
+    under_prefix, on_live = watch.under_prefix, watch.on_live
 
     # The replay run: the cache in replay mode, then the recorded events republished.
     rp = OutputProc([*serve[:5], "--replay", prefix, *serve[5:]], env)
@@ -248,8 +267,7 @@ async def test_cache_in_replay_mode_derives_the_original_run_apart_from_live(
         with pytest.raises(NotFoundError):
             await js.key_value(replay.bucket_copy(prefix, "cache", bucket))
     await nc.flush()
-    for s in subs:
-        await s.unsubscribe()
+    await watch.stop()
     assert on_live == []
     assert await live_snapshot(js) == before
     assert files_under(tmp_path / "live-state") == live_files
@@ -335,18 +353,8 @@ async def test_tftp_in_replay_mode_learns_the_replayed_lease(
 
     before = await live_snapshot(js)
     prefix = "dbg.tftp"
-    under_prefix: list[Msg] = []
-    on_live: list[Msg] = []
-
-    async def got_prefixed(m: Msg) -> None:
-        under_prefix.append(m)
-
-    async def got_live(m: Msg) -> None:
-        on_live.append(m)
-
-    subs = [await nc.subscribe(f"{prefix}.>", cb=got_prefixed)]
-    subs.append(await nc.subscribe(f"{subjects.PREFIX}.>", cb=got_live))
-    await nc.flush()
+    watch = await Watch.start(nc, prefix)
+    under_prefix, on_live = watch.under_prefix, watch.on_live
     rp = OutputProc([*serve[:5], "--replay", prefix, *serve[5:]], env)
     await rp.wait_line(r"tftp: REPLAY MODE: consuming dbg\.tftp\.nixboot\.evt\.>")
 
@@ -373,8 +381,7 @@ async def test_tftp_in_replay_mode_learns_the_replayed_lease(
     assert all(m.subject.startswith(f"{prefix}.{subjects.PREFIX}.evt.") for m in under_prefix)
     assert rp.stop() == 0, "\n".join(rp.lines[-20:])
     await nc.flush()
-    for s in subs:
-        await s.unsubscribe()
+    await watch.stop()
     assert on_live == []
     assert await live_snapshot(js) == before
 
