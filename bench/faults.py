@@ -1,8 +1,11 @@
 """bench/faults: every fault of issue 11 during a storm of N simulated machines (default 50),
-against one nixboot stack on loopback, and the table: fault, boots attempted, booted, events
-expected/found, duplicates, recovery seconds, client retries.
+against one nixboot stack on loopback (the cluster fault: a second stack on a 3-node nats-server
+cluster), and the table: fault, boots attempted, booted, events expected/found, duplicates,
+recovery seconds, client retries.
 
-    .venv/bin/python bench/faults.py [--n 50] [--only cache,nats,...]
+    .venv/bin/python bench/faults.py [--n 50] [--only nats,cluster,...]
+
+(faults: none, cache, tftp, dhcp-hook, builder, nats, cluster, relay, tmpfs, build)
 
 The same storm, checks and faults as tests/faults (which run 20 machines per storm to stay in
 the test budget); the machines retry like firmware and nix do, and verify every byte."""
@@ -32,28 +35,16 @@ from tests.faults.stack import (  # noqa: E402
 PAYLOAD_KIB = 64
 
 
-def kill_restart(name: str) -> storm.Fault:
-    async def fault(s: FaultStack) -> None:
-        s.kill(name)
-        await asyncio.sleep(1.0)
-        s.start_service(name)
-
-    return fault
-
-
-async def restart_nats(s: FaultStack) -> None:
-    s.stop_service("nats")
-    await asyncio.sleep(1.0)
-    s.start_nats()
-
-
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--only", default="")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="nixboot-faults-"))
-    faults = ["none", "cache", "tftp", "dhcp-hook", "builder", "nats", "relay", "tmpfs", "build"]
+    faults = [
+        *("none", "cache", "tftp", "dhcp-hook", "builder", "nats", "cluster", "relay", "tmpfs"),
+        "build",
+    ]
     chosen = [f for f in faults if not args.only or f in args.only.split(",")]
     fleet = [mac_of(i + 1) for i in range(args.n * len(chosen))]
     flake = prepare_flake(root, PAYLOAD_KIB)
@@ -69,9 +60,11 @@ async def main() -> int:
             if name == "none":
                 o = await storm.storm(stack, "none", macs, None)
             elif name in ("cache", "tftp", "dhcp-hook", "builder"):
-                o = await storm.storm(stack, f"SIGKILL {name}", macs, kill_restart(name))
+                o = await storm.storm(stack, f"SIGKILL {name}", macs, storm.kill_and_restart(name))
             elif name == "nats":
-                o = await storm.storm(stack, "restart nats-server", macs, restart_nats)
+                o = await storm.storm(stack, "restart nats-server", macs, storm.restart_nats)
+            elif name == "cluster":
+                o = await cluster_storm(root, flake, macs)
             elif name == "relay":
                 relay = stack.start_relay(loss=0.05, delay=0.05)
                 try:
@@ -82,7 +75,7 @@ async def main() -> int:
                 stack.tmpfs_bytes = max(64 * 1024, await stack.closure_nar_bytes() // 3)
                 o = await storm.storm(
                     stack, f"cache dir full (tmpfs {stack.tmpfs_bytes >> 10} KiB)", macs,
-                    kill_restart("cache"), fault_after=0.0,
+                    storm.kill_and_restart("cache"), fault_after=0.0,
                 )  # fmt: skip
                 stack.tmpfs_bytes = 0
                 stack.kill("cache")
@@ -103,6 +96,27 @@ async def main() -> int:
     if ok:
         shutil.rmtree(root, ignore_errors=True)  # kept for its logs when something failed
     return 0 if ok else 1
+
+
+async def cluster_storm(root: Path, flake: Path, macs: list[str]) -> storm.Outcome:
+    """Its own stack on a 3-node nats-server cluster (JetStream replicas 3); the flake is the
+    one already built, so the builder finds the generation in the store."""
+    stack = FaultStack(root / "cluster", flake, macs, nats_nodes=3)
+    stack.root.mkdir()
+    restart = storm.NodeRestart()
+    try:
+        stack.start()
+        await wait_generations(stack.nats_url, macs, 600)
+        o = await storm.storm(stack, "restart 1 of 3 nats nodes (R3)", macs, restart)
+        await storm.check_replicas_agree(stack, o)
+    finally:
+        stack.stop()
+    print(
+        f"  cluster: killed {restart.node} (services on it: {restart.services_on_node}), "
+        f"back {restart.back_seconds} s, caught up {restart.caught_up_seconds} s",
+        flush=True,
+    )
+    return o
 
 
 async def build_fault(s: FaultStack) -> None:

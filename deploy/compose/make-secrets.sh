@@ -17,9 +17,13 @@ write_new() { # name, content: create only when missing
 
 if [ ! -e secrets/nats-auth.conf ]; then
   password=$(random_hex 24)
+  printf '%s\n' "$password" >secrets/nats-password
   printf 'authorization {\n  user: nixboot\n  password: "%s"\n}\n' "$password" >secrets/nats-auth.conf
-  sed "s/@NATS_PASSWORD@/$password/" nixboot.example.toml >secrets/nixboot.toml
-  echo "wrote secrets/nats-auth.conf and secrets/nixboot.toml (edit the latter: public_url, flake)"
+  echo "wrote secrets/nats-password and secrets/nats-auth.conf"
+fi
+if [ ! -e secrets/nixboot.toml ]; then
+  cp nixboot.example.toml secrets/nixboot.toml
+  echo "wrote secrets/nixboot.toml (edit it: cache.public_url, builder.flake, machines)"
 fi
 write_new api-token "$(random_hex 32)"
 write_new grafana-admin-password "$(random_hex 16)"

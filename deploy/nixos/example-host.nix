@@ -11,11 +11,18 @@
 let
   secrets = "/etc/nixboot/secrets";
   natsUrl = "nats://127.0.0.1:${toString config.services.nats.port}";
+  # NATS authentication is on: the host's NATS accepts only nixboot's user nkey. Create it once
+  #   nk -gen user -pubout > /tmp/nk && head -1 /tmp/nk > ${secrets}/nats-nkey.seed
+  # (mode 0600) and put the second line (the public key, not secret) here. Until then this
+  # placeholder is not a valid nkey and NATS refuses to start: fail closed, never open.
+  natsNkeyPublic = "UREPLACE-WITH-THE-PUBLIC-KEY-FROM-nk-gen-user-pubout";
   # Everything both containers agree on; per-container parts are added below.
   common = {
     imports = [ ./module.nix ];
     services.nixboot = {
       nats.url = natsUrl; # the host's NATS, not one per container
+      nats.nkeySeedFile = "${secrets}/nats-nkey.seed";
+      # TLS to a NATS on another host: nats.url = "tls://…"; nats.tls.caFile (+ certFile, keyFile).
       apiTokenFile = "${secrets}/api-token";
       settings = {
         log_level = "INFO";
@@ -44,6 +51,8 @@ in
     jetstream = true;
     host = "127.0.0.1";
     serverName = "nixboot-${config.networking.hostName}";
+    # No anonymous clients: only nixboot's nkey (the seed stays in ${secrets}).
+    settings.authorization.users = [ { nkey = natsNkeyPublic; } ];
   };
 
   containers.nixboot-pxe = {

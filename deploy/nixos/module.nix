@@ -7,6 +7,8 @@
 #     apiTokenFile = "/run/keys/nixboot-api-token";
 #     cache.secretKeyFile = "/run/keys/nixboot-cache-key";
 #     settings.cache.public_url = "http://10.0.0.1:8080";
+#     nats.nkeySeedFile = "/run/keys/nixboot-nats.seed";   # the local NATS requires this nkey
+#     nats.nkeyPublicKey = "U…";                            # `nk -gen user -pubout`
 #     openFirewall = true;
 #   };
 {
@@ -51,6 +53,7 @@ let
       inherit (cfg) settings;
       inherit natsUrl;
       inherit (cfg.nats) replicas;
+      natsUser = if cfg.nats.passwordFile != null then cfg.nats.user else "";
     }
   );
   ports = pure.ports cfg.settings;
@@ -60,21 +63,12 @@ let
   # the store); the unit's environment points nixboot at its own credentials directory (%d).
   credentials =
     name:
-    (optional (cfg.apiTokenFile != null) {
-      id = "api-token";
-      path = cfg.apiTokenFile;
-      env = "NIXBOOT_API_TOKEN_FILE";
-    })
-    ++ (optional (cfg.nats.credentialsFile != null) {
-      id = "nats-credentials";
-      path = cfg.nats.credentialsFile;
-      env = "NIXBOOT_NATS__CREDENTIALS_FILE";
-    })
-    ++ (optional (name == "cache" && cfg.cache.secretKeyFile != null) {
-      id = "cache-signing-key";
-      path = cfg.cache.secretKeyFile;
-      env = "NIXBOOT_CACHE__SECRET_KEY_FILE";
-    });
+    pure.credentials {
+      inherit name;
+      inherit (cfg) apiTokenFile;
+      cacheSecretKeyFile = cfg.cache.secretKeyFile;
+      inherit (cfg) nats;
+    };
 
   hardening = {
     DynamicUser = true;
@@ -238,10 +232,60 @@ in
         default = 1;
         description = "JetStream replicas of nixboot's streams and buckets (3 on a 3-node cluster).";
       };
+      # Authentication: one of passwordFile (+ user), nkeySeedFile, credentialsFile. Every file
+      # reaches the units as a systemd credential, never through the store.
       credentialsFile = mkOption {
         type = types.nullOr types.str;
         default = null;
-        description = "NATS credentials (.creds) file for an external NATS with auth.";
+        description = "NATS credentials (.creds: user JWT + nkey seed) for an operator-run NATS.";
+      };
+      user = mkOption {
+        type = types.str;
+        default = "nixboot";
+        description = "NATS user name, used with passwordFile.";
+      };
+      passwordFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/keys/nixboot-nats-password";
+        description = "File with the NATS password of `user` (an external NATS).";
+      };
+      nkeySeedFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/keys/nixboot-nats.seed";
+        description = "File with nixboot's user nkey seed (`SU…`, from `nk -gen user -pubout`).";
+      };
+      nkeyPublicKey = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4";
+        description = ''
+          The public half of nkeySeedFile (not secret). With the local NATS, it is the one user
+          services.nats accepts; the local NATS requires it unless allowUnauthenticated.
+        '';
+      };
+      allowUnauthenticated = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Run the local NATS without authentication (any local user can use the bus).";
+      };
+      tls = {
+        caFile = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "CA certificate that verifies the NATS server (TLS on when set; or a tls:// url).";
+        };
+        certFile = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "Client certificate for a NATS server that verifies clients (with keyFile).";
+        };
+        keyFile = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "Private key of certFile.";
+        };
       };
     };
 
@@ -256,12 +300,21 @@ in
   };
 
   config = mkIf anyEnabled {
+    assertions = map (message: {
+      assertion = false;
+      inherit message;
+    }) (pure.natsProblems cfg.nats);
+
     services.nats = mkIf cfg.nats.enableLocal {
       enable = true;
       jetstream = true;
       host = "127.0.0.1";
       port = cfg.nats.port;
       serverName = "nixboot-${config.networking.hostName}";
+      # Only nixboot's nkey gets in (its public key is all the server needs).
+      settings = lib.optionalAttrs (cfg.nats.nkeyPublicKey != null) {
+        authorization = pure.natsAuthorization cfg.nats;
+      };
     };
 
     systemd.services = mapAttrs' (name: _: nameValuePair "nixboot-${name}" (unit name)) enabled;

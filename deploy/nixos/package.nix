@@ -20,11 +20,15 @@ let
       doCheck = false; # the tests live at the workspace root and need peers (nats-server, nix)
     };
   py = python3Packages;
-  shared = member "nixboot-shared" "shared" [
-    py.nats-py
-    py.msgspec
-    py.prometheus-client
-  ];
+  shared = member "nixboot-shared" "shared" (
+    [
+      py.nats-py
+      py.msgspec
+      py.prometheus-client
+    ]
+    # nats-py[nkeys]: nkey and .creds authentication (the module's default for the local NATS).
+    ++ (py.nats-py.optional-dependencies.nkeys or (lib.optional (py ? nkeys) py.nkeys))
+  );
   web = [
     shared
     py.fastapi

@@ -12,6 +12,7 @@ import typer
 from nixboot import demo
 from nixboot import status as status_mod
 from nixboot.supervisor import SERVICES, Supervisor
+from nixboot_shared import replay, subjects
 from nixboot_shared.config import Config, ConfigError, load
 
 app = typer.Typer(help="Network boot for fleets of NixOS machines.", no_args_is_help=True)
@@ -50,14 +51,41 @@ def up(config: ConfigOption = None) -> None:
 def serve(
     service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")],
     config: ConfigOption = None,
+    replay_prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--replay",
+            metavar="PREFIX",
+            help="Replay mode: consume events republished under PREFIX (`nixboot replay --to "
+            "PREFIX`), publish under PREFIX, KV copies, a temporary state dir, ephemeral ports.",
+        ),
+    ] = None,
 ) -> None:
     """Run one service in the foreground (containers, systemd)."""
     if service not in SERVICES:
         typer.secho(f"unknown service {service!r}: choose one of {', '.join(SERVICES)}", err=True)
         raise typer.Exit(2)
+    if replay_prefix is not None:
+        try:
+            subjects.check_replay_prefix(replay_prefix)
+        except subjects.InvalidPrefix as e:
+            typer.secho(f"--replay: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        if service == "builder":
+            typer.secho(
+                "--replay: the builder has no replay mode: it consumes no events, and its "
+                "builds would write the live Nix store and work queue",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            raise typer.Exit(2)
     cfg = _load(config)
     module = importlib.import_module(f"nixboot_{service.replace('-', '_')}.service")
-    raise typer.Exit(module.main(cfg))
+    if replay_prefix is None:
+        raise typer.Exit(module.main(cfg))
+    with replay.session(cfg, replay_prefix) as replay_cfg:
+        code = module.main(replay_cfg)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -14,13 +14,14 @@ from nixboot_shared.config import Config
 
 
 def embedded_url(cfg: Config) -> str:
-    return cfg.nats.url or f"nats://{cfg.nats.embedded_host}:{cfg.nats.embedded_port}"
+    return cfg.nats_client().url
 
 
 async def _nats_state(cfg: Config) -> dict[str, Any]:
+    settings = cfg.nats_client()
     try:
         nc = await asyncio.wait_for(
-            bus.connect(embedded_url(cfg), "nixboot-status", cfg.nats.credentials_file), 3
+            bus.connect(settings.url, "nixboot-status", settings=settings), 3
         )
     except Exception as e:
         return {"url": embedded_url(cfg), "connected": False, "error": str(e) or type(e).__name__}

@@ -3,9 +3,12 @@ child processes: restarted with backoff when they die, stopped cleanly on SIGTER
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,7 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from nixboot_shared.config import Config, HttpListen
+from nixboot_shared import bus
+from nixboot_shared.config import EMBEDDED_USER, Config, HttpListen
 
 SERVICES = ("dhcp-hook", "tftp", "builder", "cache")
 _PR_SET_PDEATHSIG = 1
@@ -98,6 +102,10 @@ class Child:
             self.proc.wait()
 
 
+class StartFailed(RuntimeError):
+    """The stack cannot start as configured (the message says why)."""
+
+
 @dataclass
 class Supervisor:
     cfg: Config
@@ -108,14 +116,76 @@ class Supervisor:
     stopping: bool = False
     announced: bool = False
 
+    def check_external_nats(self) -> None:
+        """Connect once before starting anything: credentials or a certificate that NATS refuses
+        end `nixboot up` with the reason instead of four services failing in a loop. An
+        unreachable NATS is not an error here: the services wait for it."""
+        n = self.cfg.nats
+
+        async def probe() -> None:
+            nc = await asyncio.wait_for(bus.connect(n.url, "nixboot-up", settings=n), 5)
+            await nc.close()
+
+        try:
+            asyncio.run(probe())
+        except bus.NatsRefused as e:
+            raise StartFailed(str(e)) from None
+        except (TimeoutError, OSError) as e:
+            self.say(f"nats: {bus.redact(n.url)} not reachable yet ({e or 'timeout'}); waiting")
+
+    def embedded_auth_conf(self) -> str:
+        """The embedded server's `authorization` block, and the client settings the services get
+        (environment overrides). Default: user `nixboot`, a random password generated once into
+        <state_dir>/nats-password (0600)."""
+        n = self.cfg.nats
+        if not n.embedded_auth:
+            return ""
+        if n.credentials_file:
+            raise StartFailed(
+                "nats.credentials_file (JWT) needs an operator-configured NATS: set nats.url, or "
+                "use nats.user + nats.password_file or nats.nkey_seed_file with the embedded one"
+            )
+        if n.nkey_seed_file:
+            import nkeys  # type: ignore[import-untyped]
+
+            try:
+                seed = bytearray(Path(n.nkey_seed_file).read_bytes().strip())
+                public = nkeys.from_seed(seed).public_key.decode()
+            except Exception:  # nkeys' errors could quote the seed: name the file only
+                raise StartFailed(
+                    f"nats.nkey_seed_file: {n.nkey_seed_file} is no valid seed"
+                ) from None
+            return f"authorization {{\n  users = [ {{ nkey: {json.dumps(public)} }} ]\n}}\n"
+        if n.password_file:
+            user, password = n.user, Path(n.password_file).read_text().strip()
+        else:
+            path = self.cfg.embedded_password_path()
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(24) + "\n")
+            user, password = EMBEDDED_USER, path.read_text().strip()
+            self.env["NIXBOOT_NATS__USER"] = user
+            self.env["NIXBOOT_NATS__PASSWORD_FILE"] = str(path)
+        return (
+            "authorization {\n  users = [ "
+            f"{{ user: {json.dumps(user)}, password: {json.dumps(password)} }} ]\n}}\n"
+        )
+
     def start_nats(self) -> str:
         if self.cfg.nats.url:
-            self.say(f"nats: using {self.cfg.nats.url}")
+            self.check_external_nats()
+            self.say(f"nats: using {bus.redact(self.cfg.nats.url)}")
             return self.cfg.nats.url
         host, port = self.cfg.nats.embedded_host, self.cfg.nats.embedded_port
         store = self.cfg.state_path / "nats"
         store.mkdir(parents=True, exist_ok=True)
-        argv = [nats_server_binary(), "-js", "-sd", str(store), "-a", host, "-p", str(port)]
+        conf = self.cfg.state_path / "nats-server.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.embedded_auth_conf())
+        argv = [nats_server_binary(), "-c", str(conf), "-js", "-sd", str(store)]
+        argv += ["-a", host, "-p", str(port)]
         log = open(self.cfg.state_path / "nats.log", "ab")  # noqa: SIM115
         self.nats = subprocess.Popen(
             argv, stdout=log, stderr=log, preexec_fn=_die_with_parent, start_new_session=True
@@ -123,7 +193,8 @@ class Supervisor:
         if not _wait_port(host, port, 10):
             raise RuntimeError(f"embedded nats-server did not listen on {host}:{port} in 10 s")
         url = f"nats://{host}:{port}"
-        self.say(f"nats: embedded JetStream at {url} (state {store})")
+        auth = "auth on" if self.cfg.nats.embedded_auth else "NO auth (nats.embedded_auth = false)"
+        self.say(f"nats: embedded JetStream at {url}, {auth} (state {store})")
         return url
 
     def start(self) -> None:
@@ -201,7 +272,11 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, on_signal)
         try:
-            self.start()
+            try:
+                self.start()
+            except StartFailed as e:
+                self.say(f"error: {e}")
+                return 2
             with httpx.Client() as client:
                 while True:
                     self.poll(client)

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import nats
 
+from nixboot_shared import bus
+from nixboot_shared.config import NatsConfig
+
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 
 
@@ -100,13 +103,17 @@ def cluster_nodes(base: Path, size: int = 3, cluster_name: str = "nixboot") -> l
     ]
 
 
-async def wait_jetstream(url: str, timeout: float = 20.0) -> None:
-    """Until JetStream answers through ``url`` (a cluster needs its meta leader elected first)."""
+async def wait_jetstream(
+    url: str, settings: NatsConfig | None = None, timeout: float = 20.0
+) -> None:
+    """Until JetStream answers through ``url`` (a cluster needs its meta leader elected first);
+    ``settings``: authentication/TLS as nixboot's configuration gives them."""
+    opts = bus.client_options(settings) if settings is not None else {}
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False)
+            nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False, **opts)
             try:
                 await nc.jetstream().account_info()
                 return

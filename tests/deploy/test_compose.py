@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -88,12 +89,17 @@ def test_compose_file_validates_with_pinned_images_and_the_expected_topology() -
         "api-token",
         "cache-signing-key",
         "nats-auth",
+        "nats-password",
         "grafana-admin-password",
     }
     for name in ("builder", "cache", "tftp", "dhcp-hook"):
         env_vars = services[name].get("environment", {})
         assert env_vars["NIXBOOT_CONFIG"] == "/run/secrets/nixboot-config"
         assert not any("PASSWORD" in k or "TOKEN" in k for k in env_vars), name
+        # Every service that talks to NATS gets the password file the config names.
+        assert "nats-password" in [
+            x if isinstance(x, str) else x["source"] for x in services[name]["secrets"]
+        ], name
 
 
 def _volumes(svc: dict[str, Any]) -> list[str]:
@@ -146,17 +152,32 @@ def secrets(tmp_path: Path) -> Path:
 
 
 def test_generated_config_decodes_with_nixbooks_loader(secrets: Path) -> None:
-    cfg = config.load(secrets / "nixboot.toml", environ={})
+    # The config names the password file at its in-container path: point it at the generated one.
+    cfg = config.load(
+        secrets / "nixboot.toml",
+        environ={"NIXBOOT_NATS__PASSWORD_FILE": str(secrets / "nats-password")},
+    )
     assert cfg.api_token_file == "/run/secrets/api-token"
     assert cfg.cache.secret_key_file == "/run/secrets/cache-signing-key"
     url = urlsplit(cfg.nats.url)
-    assert (url.hostname, url.port, url.username) == ("nats", 4222, "nixboot")
-    assert url.password and len(url.password) == 48
+    assert (url.hostname, url.port, url.username, url.password) == ("nats", 4222, None, None)
+    assert cfg.nats.user == "nixboot"
+    raw = tomllib.loads((secrets / "nixboot.toml").read_text())
+    assert raw["nats"]["password_file"] == "/run/secrets/nats-password"
+    password = (secrets / "nats-password").read_text().strip()
+    assert len(password) == 48
+    assert password in (secrets / "nats-auth.conf").read_text()
+    # The configuration itself carries no secret.
+    assert password not in (secrets / "nixboot.toml").read_text()
     assert (cfg.tftp.port, cfg.cache.http.port, cfg.builder.http.port) == (69, 8080, 8081)
     assert (cfg.dhcp_hook.http.port, cfg.tftp.http.port) == (8082, 8083)
     # The tftp container's state-dir override wins over the file.
     env_cfg = config.load(
-        secrets / "nixboot.toml", environ={"NIXBOOT_STATE_DIR": "/var/lib/nixboot-tftp"}
+        secrets / "nixboot.toml",
+        environ={
+            "NIXBOOT_STATE_DIR": "/var/lib/nixboot-tftp",
+            "NIXBOOT_NATS__PASSWORD_FILE": str(secrets / "nats-password"),
+        },
     )
     assert env_cfg.state_dir == "/var/lib/nixboot-tftp"
     key = (secrets / "cache-signing-key").read_text()
@@ -189,10 +210,16 @@ async def test_nats_conf_with_generated_auth_runs_and_rejects_strangers(
     )
     try:
         wait_port(port)
-        cfg = config.load(secrets / "nixboot.toml", environ={})
-        url = cfg.nats.url.replace("@nats:4222", f"@127.0.0.1:{port}")
-        await wait_jetstream(url)
-        nc = await bus.connect(url, "test-compose")
+        cfg = config.load(
+            secrets / "nixboot.toml",
+            environ={
+                "NIXBOOT_NATS__URL": f"nats://127.0.0.1:{port}",
+                "NIXBOOT_NATS__PASSWORD_FILE": str(secrets / "nats-password"),
+            },
+        )
+        url = cfg.nats.url
+        await wait_jetstream(url, cfg.nats)
+        nc = await bus.connect(url, "test-compose", settings=cfg.nats)
         try:
             kv = await bus.bootstrap(nc.jetstream(), cfg.nats.replicas)
             assert set(kv) == set(subjects.ALL_BUCKETS)

@@ -173,6 +173,8 @@ async def test_services_on_three_nodes_survive_a_node_loss(
         created = await wait_event(lambda e: isinstance(e, events.GenerationCreated), 120)
         assert isinstance(created, events.GenerationCreated)
         toplevel = created.toplevel
+        # The build is counted before BuildSucceeded goes out (GenerationCreated comes earlier).
+        await wait_event(lambda e: isinstance(e, events.BuildSucceeded), 60)
         builder_metrics = httpx.get(services["builder"].url + "/metrics").text
         assert 'nixboot_builder_builds_total{result="ok"} 1.0' in builder_metrics
         assert "nixboot_builder_build_seconds_count 1.0" in builder_metrics

@@ -45,6 +45,21 @@ def test_dnsmasq_arch_from_vendor_class_without_tag() -> None:
     assert c.server_ts == int(NOW)  # no server clock given: the hook's, in whole seconds
 
 
+def test_dnsmasq_lease_from_its_lease_file_is_marked() -> None:
+    # What dnsmasq 2.90 passes for a lease read back from its lease file at start-up.
+    env = {
+        "DNSMASQ_DATA_MISSING": "1",
+        "DNSMASQ_LEASE_EXPIRES": "1795642110",
+        "DNSMASQ_TIME_REMAINING": "100",
+        "DNSMASQ_INTERFACE": "nbbr0",
+    }
+    [c] = parse_hook(["old", MAC, "10.77.0.111"], env, NOW)
+    assert (c.kind, c.from_lease_file, c.arch, c.vendor_class) == ("renew", True, "unknown", None)
+    [real] = parse_hook(["old", MAC, "10.77.0.111"], DNSMASQ_ADD_ENV, NOW)
+    assert not real.from_lease_file
+    assert not parse_hook(["add", MAC, "10.77.0.111"], env, NOW)[0].from_lease_file
+
+
 def test_dnsmasq_del_is_release_while_time_is_left_and_expire_after() -> None:
     env = {"DNSMASQ_LEASE_EXPIRES": str(int(NOW) + 100)}
     assert parse_hook(["del", MAC, "10.77.0.111", "pc1"], env, NOW)[0].kind == "release"

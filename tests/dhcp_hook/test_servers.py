@@ -4,14 +4,17 @@ each arrive as the right event; the lease map answers IP -> MAC; PXE answers fit
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from nixboot_dhcp_hook.service import RETRANSMIT_SECONDS
 from nixboot_shared import events, subjects
 from tests.conftest import tool
 from tests.dhcp_hook.conftest import (
@@ -40,7 +43,7 @@ class Server:
     with_client_options: bool  # Kea's run_script exports no client options
 
 
-def start_dnsmasq(lab: Lab, hook: Path) -> None:
+def start_dnsmasq(lab: Lab, hook: Path) -> subprocess.Popen[bytes]:
     conf = render(
         DEPLOY / "dnsmasq.conf",
         lab.dir / "dnsmasq.conf",
@@ -62,7 +65,7 @@ def start_dnsmasq(lab: Lab, hook: Path) -> None:
         "--log-dhcp",
         f"--pid-file={lab.dir / 'dnsmasq.pid'}",
     ]
-    lab.server(argv, lab.dir / "dnsmasq.log")
+    return lab.server(argv, lab.dir / "dnsmasq.log")
 
 
 def start_kea(lab: Lab, hook: Path) -> None:
@@ -209,6 +212,46 @@ async def test_dnsmasq_leases_while_service_is_down_arrive_once_later(
     assert [e.lease_kind for e in got] == ["new", "renew", "release"]
     assert all(e.ip == ip for e in got)
     wait_for(lambda: not list(hook_service.spool.glob("*.lease")), 10, "spool drained")
+
+
+async def test_dnsmasq_restart_replay_does_not_swallow_the_next_request(
+    lab: Lab, hook_service: HookService, bus_reader: Bus
+) -> None:
+    """dnsmasq re-tells its lease file through the hook at start-up (``old``, DNSMASQ_DATA_MISSING
+    set). The client's real request right after that (here: a renewal about a second later) must
+    still be published; the replay of a lease the map already holds publishes nothing."""
+    hook = hook_service.wrapper(lab.dir)
+    dnsmasq = start_dnsmasq(lab, hook)
+    client = lab.client(random_mac(), IPXE_BIOS)
+    ip = offer(client.wait_line("bound"))["ip"]
+    [new] = await bus_reader.lease_events(client.mac, 1)
+    dnsmasq.terminate()
+    dnsmasq.wait(10)
+
+    restarted = math.floor(time.time())  # the replay's server_ts is this or later
+    start_dnsmasq(lab, hook)
+    wait_for(
+        lambda: hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq") >= 1,
+        10,
+        "dnsmasq's start-up replay skipped",
+    )
+    asked = time.time()
+    client.renew()
+    client.wait_line("renew")
+    got = await bus_reader.lease_events(client.mac, 2)
+    assert [e.lease_kind for e in got] == ["new", "renew"], got
+    renew = got[1]
+    assert renew.ip == ip and renew.id != new.id
+    # The real request, not the replay (which came before the client asked).
+    assert renew.ts >= asked and renew.expires is not None and new.expires is not None
+    assert renew.expires > new.expires, (new, renew)
+    # ...and it came within the retransmit window of the replay: the case that used to be lost.
+    assert renew.server_ts is not None
+    assert renew.server_ts - restarted <= RETRANSMIT_SECONDS, (renew.server_ts, restarted)
+    lease = await bus_reader.lease(client.mac)
+    assert lease is not None and lease.server_ts == renew.server_ts
+    # dnsmasq marks that renewal DATA_MISSING too: the lease came from its file.
+    assert lease.from_lease_file, lease
 
 
 async def test_dhcp_unaffected_when_the_hook_cannot_deliver_anywhere(

@@ -95,6 +95,47 @@ async def test_retransmit_in_same_second_is_one_event(
     assert len(got) == 1
 
 
+async def test_lease_file_replay_unknown_to_the_map_opens_no_retransmit_window(
+    hook_service: HookService, bus_reader: Bus, tmp_path: Path
+) -> None:
+    """dnsmasq's start-up replay (``old`` + DNSMASQ_DATA_MISSING, as dnsmasq 2.90 calls the
+    script) of a lease the map does not know (a fresh deployment) is published and applied; the
+    client's request a second later (dnsmasq marks it DATA_MISSING too, and moves the expiry) is
+    published as well, not taken for a retransmit. Told once more unchanged: nothing."""
+    hook = hook_service.wrapper(tmp_path)
+    mac = random_mac()
+    expires = 4000000000
+    replay = {
+        "DNSMASQ_DATA_MISSING": "1",
+        "DNSMASQ_LEASE_EXPIRES": str(expires),
+        "DNSMASQ_TIME_REMAINING": "3600",
+    }
+    assert run_hook(hook, ["old", mac, "10.9.2.9"], replay)[0] == 0
+    [replayed] = await bus_reader.lease_events(mac, 1)
+    assert replayed.server_ts == expires - 3600
+    lease = await bus_reader.lease(mac)
+    assert lease is not None and lease.from_lease_file
+    request = {**replay, "DNSMASQ_LEASE_EXPIRES": str(expires + 1)}
+    assert run_hook(hook, ["old", mac, "10.9.2.9"], request)[0] == 0
+    got = await bus_reader.lease_events(mac, 2)
+    assert [e.server_ts for e in got] == [expires - 3600, expires - 3600 + 1]
+    assert hook_service.metric("nixboot_dhcp_retransmits_total", source="dnsmasq") == 0
+    # dnsmasq restarted again: its file tells the lease as the map has it.
+    before = hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq")
+    again = {**request, "DNSMASQ_TIME_REMAINING": "3000"}
+    assert run_hook(hook, ["old", mac, "10.9.2.9"], again)[0] == 0
+    wait_for(
+        lambda: (
+            hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq") > before
+        ),
+        10,
+        "the unchanged lease skipped",
+    )
+    assert len(await bus_reader.lease_events(mac, 3, timeout=0.5)) == 2
+    lease = await bus_reader.lease(mac)
+    assert lease is not None and lease.server_ts == expires - 3600 + 1
+
+
 async def test_bad_hook_input_is_counted_logged_and_changes_nothing(
     hook_service: HookService, bus_reader: Bus, tmp_path: Path
 ) -> None:

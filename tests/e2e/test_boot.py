@@ -10,6 +10,7 @@ cache's metrics, as an operator would.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -166,10 +167,18 @@ def test_first_boot_partitions_fetches_and_boots(e2e: E2E) -> None:
     _timeline_shows(e2e, boot)
 
 
-# The cache's boot tracker (nixboot_cache.timeline): stages it measures on the BIOS iPXE path.
-# "dhcp" and "bootloader" end at a boot program fetched over TFTP, which the NIC's iPXE ROM
-# does not need (it asks the cache for boot.ipxe right after DHCP): not measured on this path.
-IPXE_TIMELINE = ["menu", "kernel", "initrd", "stage1", "closure", "activation"]
+# The cache's boot tracker (nixboot_cache.timeline): every stage, on the BIOS iPXE path too, where
+# the boot program is the cache's boot.ipxe, asked for over HTTP right after DHCP.
+IPXE_TIMELINE = [
+    "dhcp",
+    "bootloader",
+    "menu",
+    "kernel",
+    "initrd",
+    "stage1",
+    "closure",
+    "activation",
+]
 
 
 def _timeline_shows(e2e: E2E, boot: Boot) -> None:
@@ -192,7 +201,15 @@ def _timeline_shows(e2e: E2E, boot: Boot) -> None:
     assert ids == {boot.boot_id}, ids
     kinds = {e["type"] for e in last["events"]}
     assert {"lease", "menu", "boot-file", "stage"} <= kinds, kinds
+    programs = [e for e in last["events"] if e.get("file_kind") == "boot-program"]
+    assert [(e["file"], e["protocol"]) for e in programs] == [("boot.ipxe", "http")], programs
     assert last["seconds"] is not None and last["seconds"] > 0, last
+    # The operator's view: `nixboot timeline <mac>` (reads the tracker's KV state).
+    shown = json.loads(e2e.stack.nixboot("timeline", MAC, "--json"))
+    assert shown["boot_id"] == boot.boot_id and shown["result"] == "booted", shown
+    assert [s["stage"] for s in shown["stages"]] == IPXE_TIMELINE, shown["stages"]
+    assert [s["start"] for s in shown["stages"]] == sorted(s["start"] for s in shown["stages"])
+    print(e2e.stack.nixboot("timeline", MAC))
 
 
 def test_second_boot_keeps_disk_and_store(e2e: E2E) -> None:

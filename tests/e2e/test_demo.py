@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import tool
 
 # what the cache's timeline measures on the BIOS iPXE path (see test_boot.IPXE_TIMELINE)
-STAGES = ["menu", "kernel", "initrd", "stage1", "closure", "activation"]
+STAGES = ["dhcp", "bootloader", "menu", "kernel", "initrd", "stage1", "closure", "activation"]
 
 
 def _netns() -> set[str]:
@@ -46,7 +46,7 @@ def test_demo_vm_prints_the_boot_timeline() -> None:
         cells = [c.strip() for c in ln.strip("│").split("│")]
         assert re.fullmatch(r"\+\d+\.\d\d", cells[1]) and re.fullmatch(r"\d+\.\d{3}", cells[2])
         assert "█" in cells[3], ln
-    assert re.search(r"^per stage: menu [\d.]+ s, kernel ", out, re.M), out
+    assert re.search(r"^per stage: dhcp [\d.]+ s, bootloader [\d.]+ s, menu ", out, re.M), out
     assert re.search(r"closure: fetched [1-9]\d* paths \(NAR [1-9]\d* bytes", out), out
     assert "version=e2e-v1" in out, out
     # the demo removed its namespace (and with it the bridge, tap and its processes' sockets)

@@ -15,6 +15,8 @@ from tests.faults.stack import FaultStack, mac_of, prepare_flake, wait_generatio
 # Machines per storm in the tests (bench/faults.py runs 50 and more: see docs/faults.md).
 STORM_MACHINES = int(os.environ.get("NIXBOOT_FAULTS_MACHINES", "20"))
 PAYLOAD_KIB = 64
+# The 3-node cluster storm: issue 11 asks for at least 50 machines.
+CLUSTER_MACHINES = max(50, STORM_MACHINES)
 
 
 def macs(n: int, offset: int) -> list[str]:
@@ -28,21 +30,26 @@ def fleet() -> list[str]:
     return macs(STORM_MACHINES * 10, 1)
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, fleet: list[str]) -> Iterator[FaultStack]:
-    root = tmp_path_factory.mktemp("faults")
+def started_stack(root: Path, machines: list[str], nats_nodes: int = 1) -> Iterator[FaultStack]:
+    """A stack over the demo flake with every machine's generation built; its logs printed if
+    anything fails, its processes stopped at the end."""
     flake = prepare_flake(root, PAYLOAD_KIB)
-    s = FaultStack(root / "stack", flake, fleet)
+    s = FaultStack(root / "stack", flake, machines, nats_nodes=nats_nodes)
     s.root.mkdir()
     try:
         s.start()
-        asyncio.run(wait_generations(s.nats_url, fleet, timeout=240))
+        asyncio.run(wait_generations(s.nats_url, machines, timeout=240))
         yield s
     except BaseException:
         print(s.logs())
         raise
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, fleet: list[str]) -> Iterator[FaultStack]:
+    yield from started_stack(tmp_path_factory.mktemp("faults"), fleet)
 
 
 class Storms:

@@ -20,8 +20,94 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nixboot_shared import events, records, subjects
 from tests.faults import client
 from tests.faults.stack import SERVICES, FaultStack
+from tests.harness.stack import connect
 
 Fault = Callable[[FaultStack], Awaitable[None]]
+
+
+def kill_and_restart(name: str) -> Fault:
+    """SIGKILL one service, and start it again after a supervisor's restart delay."""
+
+    async def fault(stack: FaultStack) -> None:
+        stack.kill(name)
+        await asyncio.sleep(1.0)
+        stack.start_service(name)
+
+    return fault
+
+
+async def restart_nats(stack: FaultStack) -> None:
+    """The single nats-server stopped (SIGTERM) and started again on its port and store."""
+    stack.stop_service("nats")
+    await asyncio.sleep(1.0)
+    stack.start_nats()
+
+
+@dataclass
+class NodeRestart:
+    """SIGKILL the cluster node that leads the events stream (its loss forces a raft election
+    while every service publishes), then start it again on its own store; done once the node's
+    own /healthz says its JetStream replicas are current again (caught up)."""
+
+    node: str = ""
+    services_on_node: list[str] = field(default_factory=list)
+    back_seconds: float = 0.0
+    caught_up_seconds: float = 0.0
+
+    async def __call__(self, stack: FaultStack) -> None:
+        nc = await connect(stack.nats_url)
+        try:
+            info = await nc.jetstream().stream_info(subjects.EVENTS_STREAM)
+        finally:
+            await nc.close()
+        assert info.cluster is not None and info.cluster.leader, "not a cluster"
+        node = next(n for n in stack.nodes if n.name == info.cluster.leader)
+        self.node = node.name
+        async with httpx.AsyncClient(timeout=2) as http:
+            r = await http.get(f"http://127.0.0.1:{node.monitor_port}/connz")
+        names = {str(c.get("name", "")) for c in r.json().get("connections") or []}
+        self.services_on_node = [n for n in SERVICES if f"nixboot-{n}" in names]
+        t = time.monotonic()
+        stack.kill(stack.nats_proc_name(node))
+        await asyncio.sleep(1.0)  # a supervisor's restart delay
+        await asyncio.to_thread(stack.start_nats_node, node)
+        self.back_seconds = round(time.monotonic() - t, 2)
+        deadline = t + 90
+        while not await asyncio.to_thread(node.jetstream_current):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nats node {node.name} not current after 90 s")
+            await asyncio.sleep(0.2)
+        self.caught_up_seconds = round(time.monotonic() - t, 2)
+
+
+async def check_replicas_agree(stack: FaultStack, out: Outcome, timeout: float = 30) -> None:
+    """Every node holds the same state of every stream (the events and each KV bucket's): the
+    restarted node caught up and no node kept a divergent tail."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=2) as http:
+        while True:
+            states: dict[str, dict[str, tuple[int, int]]] = {}
+            for node in stack.nodes:
+                url = f"http://127.0.0.1:{node.monitor_port}/jsz?accounts=true&streams=true"
+                body = (await http.get(url)).json()
+                for account in body.get("account_details") or []:
+                    for st in account.get("stream_detail") or []:
+                        state = st["state"]
+                        states.setdefault(st["name"], {})[node.name] = (
+                            int(state["messages"]),
+                            int(state["last_seq"]),
+                        )
+            differ = {
+                name: per_node
+                for name, per_node in states.items()
+                if len(per_node) != len(stack.nodes) or len(set(per_node.values())) != 1
+            }
+            if not differ and subjects.EVENTS_STREAM in states:
+                return
+            if time.monotonic() > deadline:
+                out.problems.append(f"replicas differ (messages, last seq): {differ}")
+                return
+            await asyncio.sleep(0.5)
 
 
 @dataclass
@@ -131,7 +217,7 @@ def _decodes(data: bytes) -> bool:
 async def read_stream(nats_url: str, since: float, *, raw: bool = False) -> list[tuple[str, bytes]]:
     """The stream's messages since ``since``. Undecodable ones (the bad-input tests put some
     there on purpose) are left out unless ``raw``."""
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     out: list[tuple[str, bytes]] = []
     try:
         js = nc.jetstream()
@@ -196,7 +282,7 @@ async def check_events(
 
 
 async def check_kv(stack: FaultStack, out: Outcome, macs: list[str]) -> None:
-    nc = await nats.connect(stack.nats_url)
+    nc = await connect(stack.nats_url)
     try:
         js = nc.jetstream()
         leases = await js.key_value(subjects.KV_LEASES)

@@ -7,14 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
 from nixboot_shared import events
 from tests.faults import storm
-from tests.faults.conftest import PAYLOAD_KIB, Storms
+from tests.faults.conftest import CLUSTER_MACHINES, PAYLOAD_KIB, Storms, macs, started_stack
 from tests.faults.stack import FaultStack, wait_generations, write_knobs
 
 TABLE: list[storm.Outcome] = []
@@ -26,15 +26,6 @@ def table() -> object:
     print("\n" + storm.HEADER)
     for o in TABLE:
         print(storm.row(o))
-
-
-def kill_and_restart(name: str) -> storm.Fault:
-    async def fault(stack: FaultStack) -> None:
-        stack.kill(name)
-        await asyncio.sleep(1.0)  # a supervisor's restart delay
-        stack.start_service(name)
-
-    return fault
 
 
 def check(o: storm.Outcome, stack: FaultStack) -> None:
@@ -49,7 +40,9 @@ async def test_storm_without_fault(stack: FaultStack, storms: Storms) -> None:
 
 @pytest.mark.parametrize("service", ["cache", "tftp", "dhcp-hook", "builder"])
 async def test_sigkill_mid_storm(stack: FaultStack, storms: Storms, service: str) -> None:
-    o = await storm.storm(stack, f"SIGKILL {service}", storms.take(), kill_and_restart(service))
+    o = await storm.storm(
+        stack, f"SIGKILL {service}", storms.take(), storm.kill_and_restart(service)
+    )
     check(o, stack)
 
 
@@ -90,14 +83,33 @@ async def test_hook_call_taken_by_a_dying_dhcp_hook_is_not_lost(
     assert not list((stack.state / "spool").glob("*.lease"))
 
 
-async def restart_nats(stack: FaultStack) -> None:
-    stack.stop_service("nats")
-    await asyncio.sleep(1.0)
-    stack.start_nats()
-
-
 async def test_nats_restart_mid_storm(stack: FaultStack, storms: Storms) -> None:
-    check(await storm.storm(stack, "restart nats-server", storms.take(), restart_nats), stack)
+    check(await storm.storm(stack, "restart nats-server", storms.take(), storm.restart_nats), stack)
+
+
+@pytest.fixture
+def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
+    """Its own stack on a 3-node nats-server cluster (JetStream replicas 3), each service given
+    the nodes starting at a different one. Its flake has the session's content, so nix finds
+    the generation already built."""
+    root = tmp_path_factory.mktemp("faults-cluster")
+    yield from started_stack(root, macs(CLUSTER_MACHINES, 1), nats_nodes=3)
+
+
+async def test_cluster_node_restart_mid_storm(cluster_stack: FaultStack) -> None:
+    """SIGKILL of the nats node leading the events stream mid-storm, then the node started again
+    on its store: every machine boots, no event lost or doubled, the services reconnect by
+    themselves, and afterwards all three nodes hold the same streams."""
+    restart = storm.NodeRestart()
+    o = await storm.storm(
+        cluster_stack, "restart 1 of 3 nats nodes (R3)", cluster_stack.machines, restart
+    )
+    await storm.check_replicas_agree(cluster_stack, o)
+    print(
+        f"cluster: killed {restart.node} (services on it: {restart.services_on_node}), "
+        f"back {restart.back_seconds} s, caught up {restart.caught_up_seconds} s"
+    )
+    check(o, cluster_stack)
 
 
 async def test_lossy_delaying_relay(stack: FaultStack, storms: Storms) -> None:

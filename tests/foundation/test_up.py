@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,41 +16,19 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, tool
+from tests.harness.proc import SERVICES, OutputProc, write_up_config
 
-SERVICES = ("dhcp-hook", "tftp", "builder", "cache")
 
-
-class Stack:
+class Stack(OutputProc):
     def __init__(self, tmp: Path, env: dict[str, str]) -> None:
         self.ports = {name: free_port() for name in SERVICES}
         self.tftp_port = free_port()
         self.nats_port = free_port()
         self.state = tmp / "state"
         self.config = tmp / "nixboot.toml"
-        self.config.write_text(
-            f'state_dir = "{self.state}"\n'
-            f"[nats]\nembedded_port = {self.nats_port}\n"
-            f'[tftp]\nhost = "127.0.0.1"\nport = {self.tftp_port}\n'
-            f"[tftp.http]\nport = {self.ports['tftp']}\n"
-            f'[cache.http]\nhost = "127.0.0.1"\nport = {self.ports["cache"]}\n'
-            f"[builder.http]\nport = {self.ports['builder']}\n"
-            f"[dhcp_hook.http]\nport = {self.ports['dhcp-hook']}\n"
-        )
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nixboot", "up", "--config", str(self.config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
+        nats = f"embedded_port = {self.nats_port}"
+        write_up_config(self.config, self.state, self.ports, self.tftp_port, nats)
+        super().__init__([sys.executable, "-m", "nixboot", "up", "--config", str(self.config)], env)
 
     def healthy(self, name: str) -> bool:
         try:
@@ -95,9 +72,7 @@ def alive(pid: int) -> bool:
 def stack(tmp_path: Path, clean_env: dict[str, str]) -> Iterator[Stack]:
     s = Stack(tmp_path, clean_env)
     yield s
-    if s.proc.poll() is None:
-        s.proc.send_signal(signal.SIGTERM)
-        s.proc.wait(20)
+    s.stop(20)
 
 
 def test_up_supervises_and_serves_the_thin_flow(stack: Stack) -> None:

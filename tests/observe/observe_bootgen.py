@@ -52,3 +52,47 @@ def boot_events(
         "total": booted - lease,
     }
     return events, expected
+
+
+def ipxe_boot_events(
+    mac: str, t0: float, boot_id: str, lease_at: float = -0.02
+) -> tuple[list[ev.AnyEvent], dict[str, float]]:
+    """One boot on the iPXE path (the NIC's iPXE ROM): DHCP, ``boot.ipxe`` and the menu from the
+    cache over HTTP, kernel and initrd, reports. ``lease_at``: when the lease event is stamped,
+    relative to the boot.ipxe request at ``t0`` (the DHCP server's script may run after iPXE
+    already asked: positive). Returns the events and the expected stage durations."""
+    bp_req, bp_end = t0, t0 + 0.004
+    menu, k_req, k_end, i_req, i_end = t0 + 0.3, t0 + 1.4, t0 + 2.0, t0 + 2.1, t0 + 5.0
+    s1, disk, closure, booted = t0 + 9.0, t0 + 10.0, t0 + 14.0, t0 + 20.0
+    ip = "10.0.0.7"
+
+    def http(kind: str, file: str, req: float, end: float, bid: str | None) -> ev.AnyEvent:
+        return ev.BootFileRequested(
+            mac=mac, boot_id=bid, ts=end, seconds=end - req, file=file, file_kind=kind,  # type: ignore[arg-type]
+            client=ip, protocol="http", bytes=1000,
+        )  # fmt: skip
+
+    events: list[ev.AnyEvent] = [
+        ev.LeaseSeen(mac=mac, ts=t0 + lease_at, ip=ip, arch="bios", user_class="iPXE"),
+        http("boot-program", "boot.ipxe", bp_req, bp_end, None),
+        ev.MenuServed(mac=mac, boot_id=boot_id, ts=menu, format="ipxe", client=ip),
+        http("kernel", "boot/x/kernel", k_req, k_end, None),
+        http("initrd", "boot/x/initrd", i_req, i_end, None),
+        ev.StageReported(mac=mac, boot_id=boot_id, ts=s1, stage="stage1", status="started"),
+        ev.StageReported(mac=mac, boot_id=boot_id, ts=disk, stage="disk"),
+        ev.StageReported(mac=mac, boot_id=boot_id, ts=closure, stage="closure"),
+        ev.StageReported(mac=mac, boot_id=boot_id, ts=booted, stage="booted"),
+    ]
+    lease = min(t0 + lease_at, bp_req)  # a late lease was granted no later than the request
+    expected = {
+        "dhcp": bp_req - lease,
+        "bootloader": menu - bp_req,
+        "menu": k_req - menu,
+        "kernel": k_end - k_req,
+        "initrd": i_end - i_req,
+        "stage1": disk - s1,
+        "closure": closure - disk,
+        "activation": booted - closure,
+        "total": booted - lease,
+    }
+    return events, expected

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from nixboot_cache.timeline import session as se
 from nixboot_shared import events as ev
-from tests.observe.observe_bootgen import boot_events
+from tests.observe.observe_bootgen import boot_events, ipxe_boot_events
 
 MAC = "52:54:00:12:34:56"
 RULES = se.Rules(gap_seconds=900, abandon_seconds=600)
@@ -192,3 +192,131 @@ def test_an_abandoned_boot_without_boot_id_is_counted_once_despite_a_late_earlie
     assert [o.result for o in se.settled(state, t0 + 1000, RULES, 30)] == ["abandoned"]
     se.add_event(state, lease, RULES, 5)  # arrives late, becomes the session's first event
     assert se.settled(state, t0 + 1000, RULES, 30) == []
+
+
+# -- the iPXE path: boot.ipxe over HTTP is the boot program; the lease may be stamped after it --
+
+
+def ipxe(t0: float, boot_id: str, lease_at: float) -> tuple[list[ev.AnyEvent], dict[str, float]]:
+    return ipxe_boot_events(MAC, t0, boot_id, lease_at)
+
+
+def in_order(s: se.Session) -> list[str]:
+    ivs = se.stages(s)
+    starts = [iv.start for iv in ivs]
+    assert starts == sorted(starts), ivs
+    assert all(iv.end >= iv.start for iv in ivs), ivs
+    return [iv.stage for iv in ivs]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    lease_at=st.sampled_from([-0.5, -0.02, 0.0, 0.003, 0.05, 0.4, 1.3]),
+    previous=st.booleans(),
+    data=st.data(),
+)
+def test_ipxe_path_any_order_and_a_late_lease_give_every_stage(
+    lease_at: float, previous: bool, data: st.DataObject
+) -> None:
+    """The lease stamped before boot.ipxe, at the same time, after it, even after the menu (the
+    DHCP server's script ran late), delivered in any order, with or without a booted boot
+    before: one session with all eight stages in boot order."""
+    t0 = 1.75e9
+    events, expected = ipxe(t0 + 100, "b2", lease_at)
+    before = ipxe(t0, "b1", -0.02)[0] if previous else []
+    order = data.draw(st.permutations(before + events))
+    state = feed(list(order))
+    sessions = se.segment(state.events, RULES)
+    assert [s.boot_id for s in sessions] == (["b1", "b2"] if previous else ["b2"])
+    last = sessions[-1]
+    assert len(last.events) == len(events)
+    assert in_order(last) == list(se.STAGES)
+    assert durations(last) == pytest.approx(expected, abs=1e-6)
+    assert durations(last)["dhcp"] == pytest.approx(max(0.0, -lease_at), abs=1e-6)
+
+
+def test_ipxe_late_lease_wins_over_the_running_systems_renewal() -> None:
+    """The system that ran renewed its lease 5 minutes before the reboot: that renewal is not
+    the boot's lease, the late one is (dhcp 0 s, not 300 s)."""
+    t0 = 1.75e9
+    first, _ = ipxe(t0, "b1", -0.02)
+    renewal = ev.LeaseSeen(mac=MAC, ts=t0 + 400, ip="10.0.0.7", lease_kind="renew")
+    second, expected = ipxe(t0 + 700, "b2", 0.08)
+    state = feed([*first, renewal, *second])
+    last = se.segment(state.events, RULES)[-1]
+    assert last.boot_id == "b2"
+    assert in_order(last) == list(se.STAGES)
+    assert durations(last) == pytest.approx(expected, abs=1e-6)
+    # ...while a boot's own lease a few seconds before its request stays the lease.
+    slow_firmware, expected = ipxe(t0 + 2000, "b3", -4.0)
+    state = feed([*first, *slow_firmware])
+    assert durations(se.segment(state.events, RULES)[-1])["dhcp"] == pytest.approx(4.0)
+
+
+def test_ipxe_reboot_mid_boot_moves_boot_ipxe_and_its_late_lease_along() -> None:
+    """A boot that got as far as the initrd, then a reset: the next boot's boot.ipxe and its late
+    lease (no boot id yet) begin the new session, not the abandoned one; also when the lease
+    comes after the menu."""
+    t0 = 1.75e9
+    for lease_at in (0.05, 0.35):
+        first, _ = ipxe(t0, "b1", -0.02)
+        partial = first[:5]
+        second, expected = ipxe(t0 + 60, "b2", lease_at)
+        events = partial + second
+        random.Random(3).shuffle(events)
+        state = feed(events)
+        sessions = se.segment(state.events, RULES)
+        assert [s.boot_id for s in sessions] == ["b1", "b2"], lease_at
+        assert len(sessions[0].events) == len(partial)
+        assert in_order(sessions[1]) == list(se.STAGES)
+        assert durations(sessions[1]) == pytest.approx(expected, abs=1e-6)
+        results = [o.result for o in se.settled(state, t0 + 1000, RULES, 30)]
+        assert results == ["abandoned", "booted"]
+
+
+def test_uefi_snponly_then_boot_ipxe_times_dhcp_from_the_first_boot_program() -> None:
+    """UEFI firmware PXE: lease, snponly.efi over TFTP, iPXE's own DHCP (a second lease) and
+    boot.ipxe: dhcp ends at snponly.efi, bootloader runs from there to the menu."""
+    t0 = 1.75e9
+    lease1 = ev.LeaseSeen(mac=MAC, ts=t0, ip="10.0.0.7", arch="uefi-x64")
+    snp = ev.BootFileRequested(
+        mac=MAC, ts=t0 + 1.5, seconds=1.2, file="snponly.efi", file_kind="boot-program",
+        client="10.0.0.7",
+    )  # fmt: skip
+    rest, _ = ipxe(t0 + 3.0, "b1", 0.05)  # iPXE's lease, stamped after boot.ipxe
+    state = feed([lease1, snp, *rest])
+    [s] = se.segment(state.events, RULES)
+    assert in_order(s) == list(se.STAGES)
+    got = durations(s)
+    assert got["dhcp"] == pytest.approx(0.3)  # lease -> snponly.efi requested
+    assert got["bootloader"] == pytest.approx(3.3 - 0.3)  # snponly.efi -> the iPXE menu
+
+
+def test_stage1_dhcp_lease_is_not_taken_for_a_late_boot_lease() -> None:
+    """Without any lease near boot.ipxe, the initrd's DHCP request (after the kernel was asked
+    for) is not the boot's lease: no dhcp stage rather than a wrong one."""
+    t0 = 1.75e9
+    events, _ = ipxe(t0, "b1", -0.02)
+    stage1_lease = ev.LeaseSeen(mac=MAC, ts=t0 + 2.5, ip="10.0.0.7", lease_kind="renew")
+    state = feed([*events[1:], stage1_lease])  # the boot's own lease never arrived
+    [s] = se.segment(state.events, RULES)
+    assert "dhcp" not in durations(s) and "bootloader" in durations(s)
+
+
+def test_ipxe_late_lease_timeline_view_starts_at_its_first_stage() -> None:
+    """The boot.ipxe event is stamped at its transfer's end and the late lease after it: the
+    view (HTTP API, ``nixboot timeline``) starts at the first stage, so no stage starts at a
+    negative offset in the waterfall."""
+    from rich.console import Console
+
+    from nixboot_cache.timeline import views
+    from nixboot_cache.timeline.cli import print_waterfall
+
+    t0 = 1.75e9
+    events, _ = ipxe(t0, "b1", 0.05)
+    [view] = views.machine_timeline(feed(events), t0 + 1000, RULES, boots=1)
+    assert view["start"] == view["stages"][0]["start"] == t0 < min(e.ts for e in events)
+    console = Console(width=100, record=True)
+    print_waterfall(MAC, view, console)
+    text = console.export_text()
+    assert "+-" not in text and "│ dhcp       │  +0.00 │   0.000 │" in text, text

@@ -29,7 +29,7 @@ from nixboot_cache.timeline.routes import add_routes
 from nixboot_cache.timeline.tracker import DURABLE, Tracker, follow_replay
 from nixboot_shared import bus, events, records, subjects
 from nixboot_shared.config import TimelineConfig
-from tests.observe.observe_bootgen import boot_events
+from tests.observe.observe_bootgen import boot_events, ipxe_boot_events
 
 CFG = TimelineConfig(settle_seconds=5, tick_seconds=0.2)
 TOKEN = "test-token-0123456789"
@@ -135,6 +135,45 @@ async def test_restart_mid_boot_with_duplicates_out_of_order_gives_one_timeline(
     await asyncio.sleep(0.3)
     assert sample("nixboot_boots_total", result="booted") == booted_before + 1
     await sub3.unsubscribe()  # type: ignore[attr-defined]
+
+
+async def test_ipxe_boot_with_the_lease_arriving_last_and_a_restart_gives_every_stage(
+    nc: Client,
+) -> None:
+    """The iPXE path through the stream: boot.ipxe and the menu stored first, the lease (its
+    script ran late: stamped after boot.ipxe) stored after the menu, the tracker restarted in
+    between. One booted session with all eight stages in boot order, counted once."""
+    mac = "52:54:00:aa:00:07"
+    js = nc.jetstream()
+    evs, expected = ipxe_boot_events(mac, time.time() - 120, "boot-i", lease_at=0.06)
+    lease, rest = evs[0], evs[1:]
+    dhcp_before = sample("nixboot_boot_stage_duration_seconds_count", stage="dhcp")
+    tracker, sub = await start_tracker(nc)
+    for e in rest[:2]:  # boot.ipxe, menu
+        await bus.publish(js, e)
+
+    async def has(n: int) -> bool:
+        return await stored_events(nc, mac) == n
+
+    await wait_for(lambda: has(2))
+    await sub.unsubscribe()  # type: ignore[attr-defined]
+    del tracker
+    await bus.publish(js, lease)
+    for e in rest[2:]:
+        await bus.publish(js, e)
+    tracker2, sub2 = await start_tracker(nc)
+    await wait_for(lambda: has(len(evs)))
+    await tracker2.tick()
+    [session] = se.segment(tracker2.machines[subjects.mac_token(mac)].events, tracker2.rules)
+    ivs = se.stages(session)
+    assert [iv.stage for iv in ivs] == list(se.STAGES)
+    assert [iv.start for iv in ivs] == sorted(iv.start for iv in ivs)
+    total = se.total(session)
+    assert total is not None
+    got = {iv.stage: iv.seconds for iv in ivs} | {"total": total.seconds}
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert sample("nixboot_boot_stage_duration_seconds_count", stage="dhcp") == dhcp_before + 1
+    await sub2.unsubscribe()  # type: ignore[attr-defined]
 
 
 async def test_abandoned_boot_is_counted_after_the_timeout(nc: Client) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client
@@ -24,6 +29,7 @@ from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableErr
 from nats.js.kv import KeyValue
 
 from nixboot_shared import events, metrics, subjects
+from nixboot_shared.config import NatsConfig, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -31,32 +37,99 @@ log = logging.getLogger(__name__)
 DUPLICATE_WINDOW_SECONDS = 600.0
 
 
-async def connect(url: str, name: str, credentials_file: str = "") -> Client:
-    """Connect with endless reconnects: services outlive NATS restarts and keep their state."""
+class NatsRefused(RuntimeError):
+    """NATS answered but will not let us in (bad credentials, a TLS certificate that does not
+    verify): retrying cannot help, so connecting stops with this instead of looping."""
+
+
+def redact(url: str) -> str:
+    """The URL without any user or password part, for log lines."""
+    return ",".join(re.sub(r"^([a-z]+://)?[^/@]*@", r"\1", u.strip()) for u in url.split(","))
+
+
+def _is_refusal(e: BaseException) -> bool:
+    if isinstance(e, (nats.errors.AuthorizationError, ssl.SSLError)):
+        return True
+    text = str(e).lower()
+    return any(
+        word in text
+        for word in ("authorization violation", "authentication", "user authentication expired")
+    )
+
+
+def client_options(settings: NatsConfig) -> dict[str, Any]:
+    """nats.connect keyword arguments for authentication and TLS. The password file is read at
+    every (re)connect, so a rotated password is picked up without a restart."""
+    opts: dict[str, Any] = {}
+    if settings.credentials_file:
+        opts["user_credentials"] = settings.credentials_file
+    if settings.nkey_seed_file:
+        opts["nkeys_seed"] = settings.nkey_seed_file
+    if settings.user and settings.password_file:
+        path = Path(settings.password_file)
+        opts["user"] = settings.user
+        opts["password"] = lambda: path.read_text().strip()
+    if settings.tls_enabled():
+        opts["tls"] = tls_context(settings)
+    return opts
+
+
+async def connect(
+    url: str, name: str, credentials_file: str = "", *, settings: NatsConfig | None = None
+) -> Client:
+    """Connect with endless reconnects: services outlive NATS restarts and keep their state.
+    ``settings`` brings authentication and TLS (``credentials_file`` alone: a .creds file). An
+    unreachable NATS is waited for; one that refuses our credentials or certificate raises
+    NatsRefused at once."""
+    shown = redact(url)
+    first = asyncio.get_running_loop().create_future()
 
     async def on_error(e: Exception) -> None:
+        if not first.done() and _is_refusal(e):
+            first.set_exception(NatsRefused(f"NATS at {shown} refused the connection: {e}"))
+            return
         log.warning("nats: %s", e)
 
     async def on_disconnect() -> None:
-        log.warning("nats: disconnected from %s", url)
+        if first.done():
+            log.warning("nats: disconnected from %s", shown)
 
     async def on_reconnect() -> None:
         log.info("nats: reconnected")
 
-    opts: dict[str, Any] = {}
-    if credentials_file:
-        opts["user_credentials"] = credentials_file
-    return await nats.connect(
-        servers=[u.strip() for u in url.split(",") if u.strip()],
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
-        **opts,
+    if settings is None:
+        settings = NatsConfig(credentials_file=credentials_file)
+    elif credentials_file and not settings.credentials_file:
+        settings = msgspec.structs.replace(settings, credentials_file=credentials_file)
+    nc = Client()
+    connecting = asyncio.ensure_future(
+        nc.connect(
+            servers=[u.strip() for u in url.split(",") if u.strip()],
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # typed int, used as seconds
+            connect_timeout=5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            **client_options(settings),
+        )
     )
+    try:
+        await asyncio.wait([connecting, first], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        connecting.cancel()
+        raise
+    if first.done():
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        with contextlib.suppress(Exception):
+            await nc.close()
+        first.result()  # raises NatsRefused
+    first.cancel()
+    await connecting
+    return nc
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

@@ -13,6 +13,7 @@ import base64
 import binascii
 import os
 import re
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import msgspec
 
 ENV_PREFIX = "NIXBOOT_"
 CONFIG_ENV = "NIXBOOT_CONFIG"
+# The user of the embedded nats-server's generated password.
+EMBEDDED_USER = "nixboot"
 
 
 class ConfigError(ValueError):
@@ -38,7 +41,27 @@ class NatsConfig(_Section):
     embedded_port: int = 4222
     # JetStream replicas for streams and buckets (3 on a 3-node cluster).
     replicas: int = 1
+    # Authentication, one of: `user` + `password_file`; `nkey_seed_file` (a user nkey seed, the
+    # server lists only its public key); `credentials_file` (a .creds file: JWT + seed). Secrets
+    # live in files only: a user or password inside `url` is refused.
     credentials_file: str = ""
+    user: str = ""
+    password_file: str = ""
+    nkey_seed_file: str = ""
+    # TLS: `tls://` URLs, or any of these set (then the server must offer TLS). The CA verifies
+    # the server; cert + key (both or neither) are the client's certificate for `verify` servers.
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # `nixboot up` with no url: the embedded nats-server requires a password generated in the
+    # state directory (<state_dir>/nats-password), so no other local user can use the bus.
+    embedded_auth: bool = True
+
+    def tls_enabled(self) -> bool:
+        urls = [u.strip() for u in self.url.split(",")]
+        return any(u.startswith("tls://") for u in urls) or any(
+            (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        )
 
 
 class HttpListen(_Section):
@@ -154,6 +177,9 @@ class Config(_Section):
     dhcp_hook: DhcpHookConfig = msgspec.field(default_factory=DhcpHookConfig)
     timeline: TimelineConfig = msgspec.field(default_factory=TimelineConfig)
     machines: list[MachineEntry] = msgspec.field(default_factory=list)
+    # Set by `nixboot serve <svc> --replay PREFIX` (nixboot_shared.replay), which also moves the
+    # state dir and listeners aside: the service consumes and publishes under PREFIX only.
+    replay_prefix: str = ""
 
     @property
     def state_path(self) -> Path:
@@ -161,6 +187,27 @@ class Config(_Section):
 
     def api_token_path(self) -> Path:
         return Path(self.api_token_file) if self.api_token_file else self.state_path / "api-token"
+
+    def embedded_password_path(self) -> Path:
+        return self.state_path / "nats-password"
+
+    def nats_client(self) -> NatsConfig:
+        """The NATS settings a client uses. With no ``nats.url`` that is the embedded server
+        ``nixboot up`` runs: its address, and (``embedded_auth``, no other method configured)
+        the user ``nixboot`` with the password generated in the state directory (when it exists:
+        otherwise no ``nixboot up`` has run here)."""
+        n = self.nats
+        if n.url:
+            return n
+        host = "127.0.0.1" if n.embedded_host in ("0.0.0.0", "") else n.embedded_host
+        url = f"nats://{host}:{n.embedded_port}"
+        generated = self.embedded_password_path()
+        explicit = n.password_file or n.nkey_seed_file or n.credentials_file
+        if n.embedded_auth and not explicit and generated.exists():
+            return msgspec.structs.replace(
+                n, url=url, user=EMBEDDED_USER, password_file=str(generated)
+            )
+        return msgspec.structs.replace(n, url=url)
 
 
 def default_state_dir() -> str:
@@ -236,6 +283,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"cache.instance: {cfg.cache.instance!r} must match [A-Za-z0-9_-]{{0,64}}"
         )
+    if cfg.replay_prefix:
+        from nixboot_shared.subjects import InvalidPrefix, check_replay_prefix
+
+        try:
+            check_replay_prefix(cfg.replay_prefix)
+        except InvalidPrefix as e:
+            raise ConfigError(f"replay_prefix: {e}") from None
     if cfg.builder.keep_generations < 1:
         raise ConfigError("builder.keep_generations: must be at least 1")
     if cfg.timeline.keep_sessions < 1:
@@ -245,11 +299,100 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"timeline.{key}: must be positive")
     if cfg.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"log_level: {cfg.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+    _validate_nats(cfg.nats)
     for i, m in enumerate(cfg.machines):
         try:
             m.mac = normalize_mac(m.mac)
         except InvalidMac as e:
             raise ConfigError(f"machines[{i}].mac: {e}") from None
+
+
+def _readable(key: str, path: str) -> str:
+    """The file's text; a clear ConfigError naming the key when it cannot be used. The text is
+    never put into a message: these are secrets."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not text") from None
+    except OSError as e:
+        raise ConfigError(f"{key}: {path} cannot be read ({e.strerror or e})") from None
+    if not text.strip():
+        raise ConfigError(f"{key}: {path} is empty")
+    return text
+
+
+def _validate_nats(n: NatsConfig) -> None:
+    from urllib.parse import urlsplit
+
+    for url in (u.strip() for u in n.url.split(",")):
+        if not url:
+            continue
+        try:
+            parts = urlsplit(url if "://" in url else f"nats://{url}")
+            parts.port  # noqa: B018 -- raises on a bad port
+        except ValueError as e:
+            raise ConfigError(f"nats.url: {e}") from None
+        if parts.scheme not in ("nats", "tls", "ws", "wss"):
+            raise ConfigError(f"nats.url: scheme {parts.scheme!r} is not nats://, tls://, ws(s)://")
+        if parts.username or parts.password or "@" in parts.netloc:
+            raise ConfigError(
+                "nats.url: credentials inside the URL are refused (they end up in logs and "
+                "process lists): use nats.user + nats.password_file, nats.nkey_seed_file or "
+                "nats.credentials_file"
+            )
+    if bool(n.user) != bool(n.password_file):
+        raise ConfigError("nats.user and nats.password_file: set both or neither")
+    methods = [
+        key
+        for key, value in (
+            ("nats.user/password_file", n.password_file),
+            ("nats.nkey_seed_file", n.nkey_seed_file),
+            ("nats.credentials_file", n.credentials_file),
+        )
+        if value
+    ]
+    if len(methods) > 1:
+        raise ConfigError(f"NATS authentication: choose one of {', '.join(methods)}")
+    if n.password_file:
+        _readable("nats.password_file", n.password_file)
+    if n.nkey_seed_file:
+        seed = _readable("nats.nkey_seed_file", n.nkey_seed_file).strip()
+        if not seed.startswith("SU"):
+            raise ConfigError(
+                f"nats.nkey_seed_file: {n.nkey_seed_file} does not hold a user nkey seed "
+                "(a line starting with SU, as `nk -gen user` writes)"
+            )
+    if n.credentials_file:
+        creds = _readable("nats.credentials_file", n.credentials_file)
+        if "BEGIN NATS USER JWT" not in creds or "BEGIN USER NKEY SEED" not in creds:
+            raise ConfigError(
+                f"nats.credentials_file: {n.credentials_file} is not a NATS .creds file "
+                "(user JWT and nkey seed blocks)"
+            )
+    if bool(n.tls_cert_file) != bool(n.tls_key_file):
+        raise ConfigError("nats.tls_cert_file and nats.tls_key_file: set both or neither")
+    for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        if getattr(n, key):
+            _readable(f"nats.{key}", getattr(n, key))
+    if n.tls_enabled():
+        # Load them now: a wrong PEM is a configuration error at start, not a failed handshake.
+        try:
+            tls_context(n)
+        except ssl.SSLError as e:
+            raise ConfigError(f"nats.tls_*: the certificate files do not load: {e}") from None
+
+
+def tls_context(n: NatsConfig) -> ssl.SSLContext:
+    """Client TLS for NATS: verify the server against ``tls_ca_file`` (the system CAs when
+    empty), present ``tls_cert_file``/``tls_key_file`` when set."""
+
+    ctx = ssl.create_default_context(cafile=n.tls_ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if n.tls_cert_file:
+        ctx.load_cert_chain(n.tls_cert_file, n.tls_key_file)
+    return ctx
 
 
 def load(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:

@@ -66,3 +66,6 @@ class Lease(msgspec.Struct, kw_only=True):
     # The last lease change applied: new, renew, release or expire (a released lease stays as a
     # marker so that a late, older event cannot bring it back).
     kind: str = "new"
+    # dnsmasq knew this lease from its lease file, without the client's options
+    # (``old`` with DNSMASQ_DATA_MISSING: its start-up replay, or a renewal of such a lease).
+    from_lease_file: bool = False

@@ -8,12 +8,14 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import uvicorn
 from fastapi import FastAPI, Response
 from nats.aio.client import Client
@@ -21,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nixboot_shared import bus, metrics
+from nixboot_shared import bus, metrics, replay, subjects
 from nixboot_shared.config import Config, HttpListen
 
 log = logging.getLogger(__name__)
@@ -156,10 +158,13 @@ LISTEN_BACKLOG = 4096
 MAX_CONNECTIONS = 16384
 
 
-def _http_server(app: FastAPI, listen: HttpListen) -> tuple[Awaitable[Any], Callable[[], None]]:
+def _http_server(
+    app: FastAPI, listen: HttpListen, sock: socket.socket | None = None
+) -> tuple[Awaitable[Any], Callable[[], None]]:
     """The HTTP server coroutine and its stop function. granian runs embedded in this event
-    loop (its Rust side does the socket work, and file responses go out by ``pathsend``)."""
-    if listen.server == "granian":
+    loop (its Rust side does the socket work, and file responses go out by ``pathsend``).
+    ``sock``: an already bound socket (uvicorn only; replay mode's ephemeral port)."""
+    if listen.server == "granian" and sock is None:
         from granian.constants import Interfaces
         from granian.log import LogLevels
         from granian.server.embed import Server as GranianServer
@@ -194,22 +199,47 @@ def _http_server(app: FastAPI, listen: HttpListen) -> tuple[Awaitable[Any], Call
     def stop() -> None:
         server.should_exit = True
 
-    return server.serve(), stop
+    return server.serve(sockets=[sock] if sock is not None else None), stop
+
+
+def _bind_ephemeral(host: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    return sock
 
 
 async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> None:
+    if cfg.replay_prefix:
+        replay.check_prepared(cfg)
     if not cfg.nats.url:
         raise NoNatsConfigured(
             "no NATS URL configured (nats.url / NIXBOOT_NATS__URL): start the whole stack with "
             "`nixboot up`, which runs an embedded NATS, or point the service at your NATS"
         )
-    nc = await bus.connect(cfg.nats.url, f"nixboot-{name}", cfg.nats.credentials_file)
-    js = nc.jetstream()
-    kv = await bus.bootstrap(js, cfg.nats.replicas)
-    ctx = ServiceContext(name=name, cfg=cfg, nc=nc, js=js, kv=kv)
-    app = base_app(name, nc)
-    await setup(ctx, app)
-    serve, stop_server = _http_server(app, listen)
+    nc = await bus.connect(cfg.nats.url, f"nixboot-{name}", settings=cfg.nats)
+    replay_bus: replay.ReplayBus | None = None
+    sock: socket.socket | None = None
+    if cfg.replay_prefix:
+        replay_bus = await replay.open_bus(nc, cfg.replay_prefix, name)
+        ctx = ServiceContext(
+            name=name, cfg=cfg, nc=replay_bus.nc, js=replay_bus.js, kv=replay_bus.kv
+        )
+        # Never the live service's port: an ephemeral one on loopback, printed below.
+        listen = msgspec.structs.replace(listen, host="127.0.0.1", port=0, server="uvicorn")
+        sock = _bind_ephemeral(listen.host)
+    else:
+        js = nc.jetstream()
+        kv = await bus.bootstrap(js, cfg.nats.replicas)
+        ctx = ServiceContext(name=name, cfg=cfg, nc=nc, js=js, kv=kv)
+    app = base_app(name, ctx.nc)
+    try:
+        await setup(ctx, app)
+    except BaseException:
+        if replay_bus is not None:
+            await replay_bus.close()
+        raise
+    serve, stop_server = _http_server(app, listen, sock)
     # Everything made so far (modules, the app, routes, clients) lives as long as the service:
     # out of the collector's sight. A full collection otherwise walked it all and stopped every
     # thread for 33-73 ms several times per storm (measured in the cache, bench/storm N = 50),
@@ -220,7 +250,18 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     serve_task = asyncio.ensure_future(serve)
-    log.info("%s: http (%s) on %s:%d", name, listen.server, listen.host, listen.port)
+    port = sock.getsockname()[1] if sock is not None else listen.port
+    log.info("%s: http (%s) on %s:%d", name, listen.server, listen.host, port)
+    if replay_bus is not None:
+        prefix = cfg.replay_prefix
+        log.warning(
+            "%s: REPLAY MODE: consuming %s.%s (core NATS, no durables); publishing to "
+            "%s.<subject>, never the live subjects or stream; KV copies %s (deleted at exit); "
+            "state dir %s; "
+            "http on 127.0.0.1:%d",
+            name, prefix, subjects.EVENTS_SUBJECTS, prefix,
+            replay.bucket_copy(prefix, name, "<bucket>"), cfg.state_dir, port,
+        )  # fmt: skip
     done_waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([serve_task, done_waiter], return_when=asyncio.FIRST_COMPLETED)
     stop_server()
@@ -237,6 +278,8 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> No
     for task in ctx.tasks:
         task.cancel()
     await asyncio.gather(*ctx.tasks, return_exceptions=True)
+    if replay_bus is not None:
+        await replay_bus.close()
     # A pull subscription left mid-fetch can hold drain for nats-py's 30 s timeout: bound it.
     with contextlib.suppress(Exception):
         await asyncio.wait_for(nc.drain(), 5)
@@ -250,10 +293,13 @@ def run(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> int:
     setup_logging(cfg.log_level, name)
     try:
         asyncio.run(_serve(name, cfg, listen, setup))
-    except NoNatsConfigured as e:
+    except (NoNatsConfigured, replay.NotPrepared) as e:
         log.error("%s", e)
         return 2
     except ServerFailed as e:
+        log.error("%s: %s", name, e)
+        return 1
+    except bus.NatsRefused as e:
         log.error("%s: %s", name, e)
         return 1
     except OSError as e:

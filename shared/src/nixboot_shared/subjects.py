@@ -77,3 +77,28 @@ def build_log_subject(build_id: str) -> str:
 def ip_key(ip: str) -> str:
     """KV key of the IP -> MAC index in the leases bucket (dots are token separators)."""
     return "ip." + ip.replace(".", "-")
+
+
+class InvalidPrefix(ValueError):
+    """A replay prefix that is malformed or would reach the live subjects."""
+
+
+_PREFIX_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+MAX_REPLAY_PREFIX = 64  # the prefix also names the replay's KV copies (bucket name limits)
+
+
+def check_replay_prefix(prefix: str) -> str:
+    """A replay prefix: dot-separated tokens, never under the live ``nixboot.`` subjects."""
+    parts = prefix.split(".")
+    if (
+        not prefix
+        or len(prefix) > MAX_REPLAY_PREFIX
+        or not all(_PREFIX_TOKEN.match(p) for p in parts)
+    ):
+        raise InvalidPrefix(
+            f"invalid replay prefix {prefix!r}: use up to {MAX_REPLAY_PREFIX} characters, "
+            "tokens of [A-Za-z0-9_-] joined by ."
+        )
+    if parts[0] == PREFIX:
+        raise InvalidPrefix(f"replay prefix {prefix!r} would reach live {PREFIX}. subjects")
+    return prefix

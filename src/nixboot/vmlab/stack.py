@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import nixboot_dhcp_hook.hook
-import nixboot_dhcp_hook.service
 from nixboot.vmlab import REPO, closure, deploy_file
 from nixboot.vmlab.initrd import TestBootFiles
 from nixboot.vmlab.lab import SERVER_IP, Lab
@@ -109,11 +108,6 @@ class RealStack:
     def restart_dhcp(self, pxelinux: bool) -> None:
         self.lab.stop_dnsmasq()
         self.lab.start_dnsmasq(self.url, self.hook, pxelinux=pxelinux)
-        # dnsmasq replays its lease file through the hook at start-up ("old"); the dhcp-hook
-        # publishes that as a renewal, and takes the VM's real REQUEST within
-        # RETRANSMIT_SECONDS of it for a retransmit (no lease event for that boot). Let that
-        # window pass, as a lab's DHCP server is not restarted right before a boot.
-        time.sleep(nixboot_dhcp_hook.service.RETRANSMIT_SECONDS + 0.5)
 
     def _render_hook(self) -> Path:
         """deploy/dhcp/nixboot-dhcp-hook.sh, filled in as an install would."""

@@ -212,6 +212,9 @@ class Builder:
         finally:
             closure_task.cancel()
         pending.unlink(missing_ok=True)
+        # Counted before it is announced, so whoever sees the event finds it in /metrics too.
+        metrics.BUILDS.labels("ok").inc()
+        metrics.BUILD_SECONDS.observe(seconds)
         # Announced after recording: whoever sees it finds the generations already in KV, with
         # their closure sizes and GC roots.
         await bus.publish(
@@ -219,8 +222,6 @@ class Builder:
             events.BuildSucceeded(build_id=bid, attr=attr, toplevel=toplevel, seconds=seconds),
         )
         await self._log(bid, wire.LogRecord(kind="end", ok=True, toplevel=toplevel))
-        metrics.BUILDS.labels("ok").inc()
-        metrics.BUILD_SECONDS.observe(seconds)
         log.info(
             "build %s of %s: %s in %.2fs, recorded in %.2fs",
             bid,
@@ -308,6 +309,7 @@ class Builder:
 
     async def _fail(self, req: wire.BuildRequest, error: str, tail: str) -> None:
         log.warning("build %s of %s failed: %s", req.build_id, req.attr, error)
+        metrics.BUILDS.labels("failed").inc()
         await bus.publish(
             self.js,
             events.BuildFailed(
@@ -315,4 +317,3 @@ class Builder:
             ),
         )
         await self._log(req.build_id, wire.LogRecord(kind="end", ok=False, text=error))
-        metrics.BUILDS.labels("failed").inc()

@@ -72,7 +72,7 @@ class LeaseThread:
 
     async def _main(self, ready: concurrent.futures.Future[None]) -> None:
         self._stopped = asyncio.Event()
-        nc = await bus.connect(self.cfg.nats.url, self.name, self.cfg.nats.credentials_file)
+        nc = await bus.connect(self.cfg.nats.url, self.name, settings=self.cfg.nats)
         self.nc = nc
         try:
             js = nc.jetstream()

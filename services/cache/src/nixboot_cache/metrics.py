@@ -32,3 +32,8 @@ LEASE_HANDOFF = Histogram(
     "From a warm decided on the lease thread to the main loop starting it",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
 )
+CHAIN_REQUESTERS = Counter(
+    "nixboot_cache_ipxe_chain_requesters",
+    "boot.ipxe requests by how the machine was named: lease (map), menu (its /ipxe/<mac>), unknown",
+    ["via"],
+)

@@ -31,7 +31,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from nats.js.kv import KeyValue
 from starlette.background import BackgroundTask
 
-from nixboot_cache import metrics, narextract, nix32
+from nixboot_cache import chain, metrics, narextract, nix32
 from nixboot_cache.bootfiles import UpstreamBootFiles
 from nixboot_cache.leases import LeaseThread
 from nixboot_cache.narcache import (
@@ -51,7 +51,7 @@ from nixboot_cache.upstream import Upstream, UpstreamError, path_info
 from nixboot_cache.warm import Publish, Warmer
 from nixboot_shared import bus, events, menu, pins, security, subjects
 from nixboot_shared.config import Config
-from nixboot_shared.records import Generation, MachineGenerations
+from nixboot_shared.records import Generation, Lease, MachineGenerations
 from nixboot_shared.service import ServiceContext, run
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ class CacheService:
             self.warmer = Warmer(self.store, self.nars, self._publish, parallel=cores)
         self.leases: KeyValue | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self.chains = chain.ChainRequests()
         self._narinfo_memo: dict[tuple[PathInfo, str, int], str] = {}
         self._known: dict[str, str] = {}  # nar hash -> store path, for every narinfo we answered
         metrics.CACHE_BYTES.set_function(lambda: self.nars.total_bytes)
@@ -350,6 +351,70 @@ class CacheService:
             )
         )
 
+    def report_chain_soon(self, *, client: str, size: int, seconds: float) -> None:
+        """boot.ipxe was served: its BootFileRequested event, once the requester is known."""
+        ts = time.time()
+        task = asyncio.ensure_future(
+            self.report_chain(client=client, size=size, seconds=seconds, ts=ts)
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(_log_failure)
+
+    async def report_chain(self, *, client: str, size: int, seconds: float, ts: float) -> None:
+        mac, via = await self.chain_requester(client, ts)
+        metrics.CHAIN_REQUESTERS.labels(via).inc()
+        if mac is None:
+            log.info("boot.ipxe for %s: no lease or menu names the machine", client)
+        await self._publish(
+            events.BootFileRequested(
+                mac=mac,
+                ts=ts,  # the request's own time, however long naming the machine took
+                file="boot.ipxe",
+                file_kind="boot-program",
+                client=client,
+                protocol="http",
+                bytes=size,
+                seconds=seconds,
+            )
+        )
+
+    async def chain_requester(self, ip: str, at: float) -> tuple[str | None, str]:
+        """The MAC of whoever asked for boot.ipxe from ``ip`` at ``at``, and how it was found
+        (``lease``, ``menu`` or ``unknown``): see nixboot_cache.chain."""
+        waiter = self.chains.expect(ip) if ip else None
+        deadline = time.monotonic() + chain.ATTRIBUTE_SECONDS
+        try:
+            while True:
+                mac = await self.mac_of_fresh_lease(ip, at)
+                if mac is not None:
+                    return mac, "lease"
+                remaining = deadline - time.monotonic()
+                if waiter is None or remaining <= 0:
+                    return None, "unknown"
+                try:
+                    mac = await asyncio.wait_for(
+                        asyncio.shield(waiter), min(chain.POLL_SECONDS, remaining)
+                    )
+                except TimeoutError:
+                    continue
+                return mac, "menu"
+        finally:
+            if waiter is not None:
+                self.chains.forget(ip, waiter)
+
+    async def mac_of_fresh_lease(self, ip: str, at: float) -> str | None:
+        """The MAC whose lease of ``ip`` in the lease map is the requester's at ``at``."""
+        mac = await self.mac_of_ip(ip)
+        if mac is None or self.leases is None:
+            return None
+        try:
+            entry = await self.leases.get(subjects.mac_token(mac))
+            lease = msgspec.json.decode(entry.value or b"", type=Lease)
+        except Exception:  # gone meanwhile, undecodable, or NATS away: not this one
+            return None
+        return mac if chain.lease_names_requester(lease, ip, at) else None
+
     async def mac_of_ip(self, ip: str) -> str | None:
         """The MAC that last leased ``ip`` (the DHCP hook's index in the leases bucket)."""
         if self.leases is None or not ip:
@@ -522,9 +587,19 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
         )
 
     @app.api_route("/boot.ipxe", methods=["GET", "HEAD"])
-    async def boot_ipxe() -> Response:
+    async def boot_ipxe(request: Request) -> Response:
+        started = time.monotonic()
+        text = menu.render_ipxe_chain(svc.cfg.cache.public_url)
         metrics.REQUESTS.labels("ipxe", "200").inc()
-        return PlainTextResponse(menu.render_ipxe_chain(svc.cfg.cache.public_url))
+        if request.method == "GET":
+            # The iPXE path's boot program: the end of the timeline's dhcp stage and the start
+            # of its bootloader stage (the menu request that follows ends it).
+            svc.report_chain_soon(
+                client=request.client.host if request.client else "",
+                size=len(text.encode()),
+                seconds=time.monotonic() - started,
+            )
+        return PlainTextResponse(text)
 
     @app.api_route("/ipxe/{mac}", methods=["GET", "HEAD"])
     async def ipxe_menu(mac: str, request: Request) -> Response:
@@ -550,6 +625,8 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
         )
         text = menu.render_ipxe(spec, svc.cfg.cache.public_url.rstrip("/") + "/")
         if request.method == "GET":
+            if request.client:
+                svc.chains.resolve(request.client.host, norm)  # it also asked for boot.ipxe
             once = None if fallback else pins.once_made_default(mg)
             if once is not None and mg is not None:
                 await svc.consume_once(token, mg, once)
@@ -640,18 +717,33 @@ def main(cfg: Config) -> int:
         svc.kv_generations = kv
         ctx.spawn(_watch_generations(svc, kv), "generations-watch")
 
-        # Lease events are read on a thread of their own (nixboot_cache.leases: why).
-        lease_thread = LeaseThread(
-            cfg, warm_durable(cfg), LEASE_EVENTS, svc.decide_lease, "nixboot-cache-leases"
-        )
-        await lease_thread.start()
+        lease_thread: LeaseThread | None = None
+        if cfg.replay_prefix:
+            # Replay: leases come from the replay bus (ctx.js), never the live stream, so they
+            # are taken on the main loop as they come (no storm to stay clear of).
+            async def on_event(event: events.AnyEvent) -> None:
+                if isinstance(event, events.LeaseSeen):
+                    handoff = await svc.decide_lease(event, kv)
+                    if handoff is not None:
+                        handoff()
+
+            await bus.subscribe_events(
+                ctx.js, on_event, durable=warm_durable(cfg), filter_subject=LEASE_EVENTS
+            )
+        else:
+            # Lease events are read on a thread of their own (nixboot_cache.leases: why).
+            lease_thread = LeaseThread(
+                cfg, warm_durable(cfg), LEASE_EVENTS, svc.decide_lease, "nixboot-cache-leases"
+            )
+            await lease_thread.start()
 
         async def stop_executor() -> None:
             svc.executor.shutdown(wait=False, cancel_futures=True)
 
         ctx.cleanups.append(stop_executor)
-        # Cleanups run last-added first: no lease reaches a warmer whose executor is gone.
-        ctx.cleanups.append(lease_thread.stop)
+        if lease_thread is not None:
+            # Cleanups run last-added first: no lease reaches a warmer whose executor is gone.
+            ctx.cleanups.append(lease_thread.stop)
         if svc.upstream is not None:
             ctx.cleanups.append(svc.upstream.close)
         # The cache owns boot correlation: it receives the stage reports (docs/observability.md).

@@ -68,6 +68,10 @@ class LeaseChange:
     arch: Arch = "unknown"
     user_class: str | None = None
     vendor_class: str | None = None
+    # dnsmasq knows this lease from its lease file (``old`` with DNSMASQ_DATA_MISSING: the client's
+    # options are not in the file). Set on its start-up replay of the file and, as dnsmasq 2.90
+    # does it, on the client's renewals of such a lease too.
+    from_lease_file: bool = False
 
 
 def arch_from_code(code: int | str | None) -> Arch:
@@ -181,6 +185,7 @@ def parse_dnsmasq(argv: Sequence[str], env: Mapping[str, str], now: float) -> li
             arch=arch,
             user_class=_text(env.get("DNSMASQ_USER_CLASS0"), "user class"),
             vendor_class=vendor_class,
+            from_lease_file=action == "old" and bool(env.get("DNSMASQ_DATA_MISSING")),
         )
     ]
 

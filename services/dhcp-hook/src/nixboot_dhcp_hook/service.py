@@ -48,6 +48,12 @@ RETRANSMITS = Counter(
     "Repeated grants of the same lease within seconds: applied to the map, not published",
     ["source"],
 )
+UNCHANGED = Counter(
+    "nixboot_dhcp_unchanged_leases",
+    "Renewals telling the address and expiry the lease map holds (dnsmasq re-telling its lease"
+    " file at start-up): not published, not applied",
+    ["source"],
+)
 SPOOLED = Counter(
     "nixboot_dhcp_spooled", "Hook payloads the service put back into the spool (NATS down)"
 )
@@ -111,13 +117,34 @@ def is_retransmit(current: records.Lease | None, c: LeaseChange) -> bool:
     """A client that does not hear the ACK repeats its REQUEST (seen with Kea: the same xid
     committed again a second later, with a new CLTT). The same grant of the same address within
     RETRANSMIT_SECONDS is that, not a new lease change: the map takes it, the stream does not.
-    Retransmits within one second already share an event id (parse.change_id)."""
+    Retransmits within one second already share an event id (parse.change_id).
+
+    A lease dnsmasq knows from its lease file (DNSMASQ_DATA_MISSING: its start-up replay, and the
+    client's next requests) neither is nor opens such a window: dnsmasq runs its script for a
+    renewal only when the expiry changed, so each such call is a real change; and a replay that
+    opened the window would make the first real request after a restart look like a retransmit."""
     return (
         current is not None
+        and not c.from_lease_file
+        and not current.from_lease_file
         and c.kind in ("new", "renew")
         and (current.kind, current.ip) == (c.kind, c.ip)
         and current.server_ts is not None
         and 0 < c.server_ts - current.server_ts <= RETRANSMIT_SECONDS
+    )
+
+
+def is_unchanged(current: records.Lease | None, c: LeaseChange) -> bool:
+    """A renewal that tells the active lease the map holds, same address and same expiry: no
+    change at all. dnsmasq's start-up replay of its lease file is that (a real renewal always
+    moves the expiry; an infinite lease, which never does, is only re-told by a replay). The map's
+    record, which has the client's options, stays."""
+    return (
+        c.kind == "renew"
+        and current is not None
+        and current.kind in ("new", "renew")
+        and (current.ip, current.expires) == (c.ip, c.expires)
+        and (c.expires is not None or c.from_lease_file)
     )
 
 
@@ -192,6 +219,10 @@ class Recorder:
         ):
             # Already applied (a spool copy re-delivered after the dedupe window): nothing to do.
             return event.id
+        if is_unchanged(current, c):
+            UNCHANGED.labels(c.source).inc()
+            log.debug("%s re-told the lease of %s unchanged: skipped", c.source, c.mac)
+            return event.id
         if is_retransmit(current, c):
             RETRANSMITS.labels(c.source).inc()
             log.debug("%s %s for %s: retransmit, not published", c.source, c.kind, c.mac)
@@ -219,6 +250,7 @@ class Recorder:
                 server_ts=c.server_ts,
                 seen=c.ts,
                 kind=c.kind,
+                from_lease_file=c.from_lease_file,
             )
             value = msgspec.json.encode(lease)
             try:

@@ -33,26 +33,33 @@ from nixboot_shared import bus, config, subjects
 app = typer.Typer(no_args_is_help=True, help="Boot events, timelines and replay.")
 T = TypeVar("T")
 
-SERVER_HELP = "NATS URL (default: NIXBOOT_NATS__URL, the config's nats.url, nats://127.0.0.1:4222)"
+SERVER_HELP = (
+    "NATS URL (default: NIXBOOT_NATS__URL, the config's nats.url, else the embedded NATS of "
+    "`nixboot up`); authentication and TLS always come from the configuration"
+)
 
 
-def _server(explicit: str | None) -> str:
-    if explicit:
-        return explicit
+def _server(explicit: str | None) -> tuple[str, config.NatsConfig]:
+    """The URL and the authentication/TLS settings: the configuration's (with no ``nats.url``,
+    the embedded server of ``nixboot up`` and its generated password); ``--server`` replaces
+    only the URL."""
     try:
-        url = config.load().nats.url
+        settings = config.load().nats_client()
     except config.ConfigError as e:
         raise typer.BadParameter(str(e)) from None
-    return url or "nats://127.0.0.1:4222"
+    return (explicit or settings.url), settings
 
 
 def _run(server: str | None, work: Callable[[Client], Awaitable[T]]) -> T:
     async def main() -> T:
-        url = _server(server)
+        url, settings = _server(server)
+        shown = bus.redact(url)
         try:
-            nc = await asyncio.wait_for(bus.connect(url, "nixboot-cli"), timeout=10)
-        except (TimeoutError, OSError) as e:
-            raise typer.BadParameter(f"cannot reach NATS at {url}: {e}") from None
+            nc = await asyncio.wait_for(
+                bus.connect(url, "nixboot-cli", settings=settings), timeout=10
+            )
+        except (TimeoutError, OSError, bus.NatsRefused) as e:
+            raise typer.BadParameter(f"cannot use NATS at {shown}: {e}") from None
         try:
             return await work(nc)
         finally:
@@ -229,7 +236,8 @@ def replay(
     ] = None,
     server: str | None = typer.Option(None, "--server", "-s", help=SERVER_HELP),
 ) -> None:
-    """Republish past events under PREFIX.nixboot.evt...; live subjects stay untouched."""
+    """Republish past events under PREFIX.nixboot.evt...; live subjects stay untouched.
+    A service consumes them with `nixboot serve <service> --replay PREFIX` (start it first)."""
     try:
         stream.check_prefix(to)
     except stream.BadQuery as e:

@@ -10,6 +10,9 @@ Conventions the producers follow (docs/observability.md):
   request happened at ``ts - seconds``. With ``seconds == 0`` the transfer's end is unknown and
   the next event of the session closes it.
 - A boot id first appears on ``MenuServed``; later events of that boot carry it.
+- A lease event's ``ts`` is when the DHCP server's script ran, after the ACK: on the iPXE path
+  (``boot.ipxe`` asked for over HTTP within milliseconds) it may be a little *after* the boot
+  program's request. Such a late lease still is the boot's (see ``_boot_lease``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ FINAL_RESULTS = ("booted", "failed", "abandoned")
 
 # Events that describe one machine's boot. Leases that end (release, expire) say nothing about a
 # boot; build and progress events concern no single boot.
+# How much later than the boot program's request the boot's own lease event may be stamped.
+LATE_LEASE_SECONDS = 5.0
+# A boot program is asked for right after the DHCP ACK: a lease older than this before the request
+# is an earlier one (the running system's renewal) when a late lease of this boot is there.
+LEASE_TO_PROGRAM_SECONDS = 60.0
+
 BOOT_EVENT_TYPES = (ev.LeaseSeen, ev.BootFileRequested, ev.MenuServed, ev.StageReported)
 TIMELINE_ONLY_TYPES = (ev.WarmStarted, ev.WarmFinished)
 
@@ -139,10 +148,12 @@ def _is_terminal(e: ev.AnyEvent) -> bool:
     return _is_booted(e) or e.stage == "failed" or e.status == "failed"
 
 
+def _is_boot_program(e: ev.AnyEvent) -> bool:
+    return isinstance(e, ev.BootFileRequested) and e.file_kind == "boot-program"
+
+
 def _starts_boot(e: ev.AnyEvent) -> bool:
-    return isinstance(e, ev.LeaseSeen) or (
-        isinstance(e, ev.BootFileRequested) and e.file_kind == "boot-program"
-    )
+    return isinstance(e, ev.LeaseSeen) or _is_boot_program(e)
 
 
 def order_key(e: ev.Event) -> tuple[float, str]:
@@ -155,8 +166,9 @@ def segment(events: list[ev.AnyEvent], rules: Rules) -> list[Session]:
     A new session begins at: a lease or boot-program request after the session's outcome; any
     event after a gap of ``rules.gap_seconds``; an event carrying a boot id other than the
     session's (the machine rebooted: its trailing lease and boot-program request, which carry no
-    boot id yet, move along into the new session). A menu rendered again before the kernel was
-    asked for (the boot loader fetched it twice) is the same boot: its boot id is adopted.
+    boot id yet, move along into the new session: ``_take_reboot_prefix``). A menu rendered
+    again before the kernel was asked for (the boot loader fetched it twice) is the same boot:
+    its boot id is adopted.
     """
     sessions: list[Session] = []
     cur: Session | None = None
@@ -164,7 +176,7 @@ def segment(events: list[ev.AnyEvent], rules: Rules) -> list[Session]:
         if cur is not None and _opens_new(cur, e, rules):
             nxt = Session()
             if _other_boot_id(cur, e):
-                nxt.events = _take_reboot_prefix(cur)
+                nxt.events = _take_reboot_prefix(cur, e)
             sessions.append(cur)
             cur = nxt
         if cur is None:
@@ -210,15 +222,27 @@ def _menu_fetched_again(cur: Session, e: ev.AnyEvent) -> bool:
     return True
 
 
-def _take_reboot_prefix(cur: Session) -> list[ev.AnyEvent]:
-    """Remove and return the events from ``cur``'s last lease on that carry no boot id, when that
-    lease is not the session's first event (then they began the next boot)."""
-    for i in range(len(cur.events) - 1, 0, -1):
-        if isinstance(cur.events[i], ev.LeaseSeen):
-            moved = [e for e in cur.events[i:] if e.boot_id is None]
-            cur.events = cur.events[:i] + [e for e in cur.events[i:] if e.boot_id is not None]
-            return moved
-    return []
+def _take_reboot_prefix(cur: Session, e: ev.AnyEvent) -> list[ev.AnyEvent]:
+    """Remove and return the events that began the boot ``e`` belongs to: from ``cur``'s last
+    lease on (when that lease is not the session's first event), those that carry no boot id.
+
+    The boot-program requests right before that lease (or, with no such lease, right before
+    ``e``), within LATE_LEASE_SECONDS, go along: a lease's script may run after the machine asked
+    for its boot program (iPXE path), and its lease may even come after the menu."""
+    evs = cur.events
+    lease = next((i for i in range(len(evs) - 1, 0, -1) if isinstance(evs[i], ev.LeaseSeen)), None)
+    start = len(evs) if lease is None else lease
+    anchor = e.ts if lease is None else evs[lease].ts
+    while (
+        start > 1
+        and _is_boot_program(evs[start - 1])
+        and evs[start - 1].boot_id is None
+        and anchor - evs[start - 1].ts <= LATE_LEASE_SECONDS
+    ):
+        start -= 1
+    moved = [x for x in evs[start:] if x.boot_id is None]
+    cur.events = evs[:start] + [x for x in evs[start:] if x.boot_id is not None]
+    return moved
 
 
 @dataclass
@@ -262,19 +286,38 @@ def _first(session: Session, test: Callable[[ev.AnyEvent], bool]) -> float | Non
     return next((e.ts for e in session.events if test(e)), None)
 
 
+def _boot_lease(leases: list[float], program: float | None, kernel: float | None) -> float | None:
+    """When the lease that started this boot was granted, as far as the events tell.
+
+    The last lease before the boot program was asked for (a stage-1 DHCP request later in the
+    boot is not it). When the first lease stamped just after the request (LATE_LEASE_SECONDS,
+    and before the kernel was asked for) is there and no lease precedes the request closely
+    (LEASE_TO_PROGRAM_SECONDS; a renewal by the system that ran before may), that late one is
+    the boot's: its script ran after the client had already used the address, so it was granted
+    no later than the request, which is the best time known for it (a ``dhcp`` stage of 0 s).
+    """
+    if program is None:
+        return max(leases) if leases else None
+    before = [t for t in leases if t <= program]
+    late = [
+        t
+        for t in leases
+        if program < t <= program + LATE_LEASE_SECONDS and (kernel is None or t < kernel)
+    ]
+    if before and (not late or program - max(before) <= LEASE_TO_PROGRAM_SECONDS):
+        return max(before)
+    return program if late else None
+
+
 def _points(session: Session) -> _Points:
     p = _Points()
     p.boot_program, _ = _transfer(session, "boot-program")
+    p.kernel, p.kernel_done = _transfer(session, "kernel")
     leases = [e.ts for e in session.events if isinstance(e, ev.LeaseSeen)]
-    if leases:
-        # The lease that started this boot: the last one before the boot program was asked for
-        # (a stage-1 DHCP request later in the boot, or a renewal long before, is not it).
-        before = [t for t in leases if p.boot_program is None or t <= p.boot_program]
-        p.lease = max(before) if before else None
+    p.lease = _boot_lease(leases, p.boot_program, p.kernel)
     p.menu = _first(session, lambda e: isinstance(e, ev.MenuServed))
     if p.menu is None:
         p.menu = _transfer(session, "menu")[1]
-    p.kernel, p.kernel_done = _transfer(session, "kernel")
     p.initrd, p.initrd_done = _transfer(session, "initrd")
 
     def reported(stage: str, status: str) -> float | None:

@@ -117,10 +117,8 @@ async def read(js: JetStreamContext, q: Query, follow: bool = False) -> AsyncIte
 
 
 def check_prefix(prefix: str) -> str:
-    """A replay prefix: dot-separated tokens, never under the live ``nixboot.`` subjects."""
-    parts = prefix.split(".")
-    if not prefix or not all(_TOKEN.match(p) for p in parts):
-        raise BadQuery(f"invalid replay prefix {prefix!r}: use tokens of [A-Za-z0-9_-] joined by .")
-    if parts[0] == subjects.PREFIX:
-        raise BadQuery(f"replay prefix {prefix!r} would reach live {subjects.PREFIX}. subjects")
-    return prefix
+    """A replay prefix (``subjects.check_replay_prefix``), as a ``BadQuery``."""
+    try:
+        return subjects.check_replay_prefix(prefix)
+    except subjects.InvalidPrefix as e:
+        raise BadQuery(str(e)) from None

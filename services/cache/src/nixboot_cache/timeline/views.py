@@ -20,17 +20,20 @@ def session_view(
     s: se.Session, number: int, now: float, rules: se.Rules, superseded: bool, with_events: bool
 ) -> dict[str, Any]:
     tot = se.total(s)
+    ivs = se.stages(s)
     view: dict[str, Any] = {
         "boot": number,
         "boot_id": s.boot_id,
         "result": s.result(now, rules, superseded),
         "stage": s.current_stage(),
-        "start": s.start,
+        # A transfer event is stamped at its end: the first stage may start before the first
+        # event (boot.ipxe requested, its late lease stamped after it).
+        "start": min([s.start, *(iv.start for iv in ivs)]),
         "last_seen": s.last,
         "seconds": tot.seconds if tot is not None else None,
         "stages": [
             {"stage": iv.stage, "start": iv.start, "end": iv.end, "seconds": iv.seconds}
-            for iv in se.stages(s)
+            for iv in ivs
         ],
     }
     if with_events:

@@ -1,0 +1,1 @@
+"""Shared by bench/ and tests/: the nixboot stack as processes."""
