@@ -366,3 +366,70 @@ def decode_hook_payload(payload: bytes) -> HookCall:
             raise BadLease(f"hook payload environment entry {item[:40]!r} has no '='")
         env[key] = value
     return HookCall(ts=ts, argv=argv, env=env)
+
+
+SH_MAGIC = b"nixboot-dhcp-hook/sh1"  # deploy/dhcp/nixboot-dhcp-hook.sh
+SH_END = b"nixboot-dhcp-hook/end\n"
+# What dash and busybox ash print for `export -p`: export NAME='v'"'"'alue' (a quote inside a
+# value closes the quotes, adds "'" and reopens them). Other shells (bash: double quotes) go
+# through shlex, slower but general.
+_EXPORT_LINE_RE = re.compile(r"export ([A-Za-z_][A-Za-z0-9_]*)=((?:'[^']*'|\"'\"|\\')*)\n")
+_EXPORT_PIECE_RE = re.compile(r"'([^']*)'|\"(')\"|\\(')")
+
+
+class IncompleteHookFile(BadLease):
+    """A sh hook file without its end marker: still being written, or its writer died."""
+
+
+def is_sh_payload(payload: bytes) -> bool:
+    return payload.startswith(SH_MAGIC + b"\0")
+
+
+def _exported(text: str, prefixes: tuple[str, ...]) -> dict[str, str]:
+    """The variables in ``export -p`` output whose names start with one of ``prefixes``."""
+    env: dict[str, str] = {}
+    pos = 0
+    while pos < len(text):
+        m = _EXPORT_LINE_RE.match(text, pos)
+        if m is None:
+            return _exported_shlex(text[pos:], prefixes, env)
+        pos = m.end()
+        if m[1].startswith(prefixes):
+            env[m[1]] = "".join(a or b or c for a, b, c in _EXPORT_PIECE_RE.findall(m[2]))
+    return env
+
+
+def _exported_shlex(text: str, prefixes: tuple[str, ...], env: dict[str, str]) -> dict[str, str]:
+    import shlex
+
+    try:
+        words = shlex.split(text, comments=False, posix=True)
+    except ValueError as e:
+        raise BadLease(f"sh hook file: environment not in `export -p` form ({e})") from None
+    for word in words:
+        if word in ("export", "declare", "-x", "readonly"):
+            continue
+        key, eq, value = word.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise BadLease(f"sh hook file: environment entry {word[:40]!r} is not NAME=VALUE")
+        if eq and key.startswith(prefixes):
+            env[key] = value
+    return env
+
+
+def decode_sh_payload(payload: bytes, ts: float, prefixes: tuple[str, ...]) -> HookCall:
+    """Read what nixboot-dhcp-hook.sh wrote: ``SH_MAGIC argc argv... <export -p> SH_END``,
+    NUL-separated; ``ts`` is the file's mtime (the shell has no clock without a fork)."""
+    fields = payload.split(b"\0")
+    if fields[0] != SH_MAGIC:
+        raise BadLease(f"not a nixboot sh hook file ({len(payload)} bytes: {payload[:24]!r}...)")
+    if fields[-1] != SH_END:
+        raise IncompleteHookFile(f"sh hook file has no end marker ({len(payload)} bytes)")
+    try:
+        text = [f.decode("utf-8") for f in fields[1:-1]]
+    except UnicodeDecodeError as e:
+        raise BadLease(f"hook payload is not UTF-8: {e}") from None
+    argc = _number(text[0], "hook argument count") if text else None
+    if argc is None or argc != int(argc) or len(text) != int(argc) + 2:
+        raise BadLease("sh hook file header is damaged")
+    return HookCall(ts=ts, argv=text[1 : 1 + int(argc)], env=_exported(text[-1], prefixes))

@@ -1,8 +1,10 @@
 """dhcp-hook service: turns DHCP lease changes into LeaseSeen events and the MAC<->IP lease map.
 
-Inputs: datagrams from the hook command on a unix socket, the hook's spool directory (drained at
-start and every few seconds), and ``POST /leases`` (same fields as LeasePayload, API token) for DHCP
-servers on other hosts. Every input goes through the same parser and ``Recorder``.
+Inputs: files the sh hook (deploy/dhcp/nixboot-dhcp-hook.sh) writes into the spool directory,
+seen by inotify as they are closed; datagrams from the Python hook (hook.py) on a unix socket; the
+spool directory drained at start and every few seconds (both hooks' files, and what the service
+itself put back while NATS was down); and ``POST /leases`` (same fields as LeasePayload, API
+token) for DHCP servers on other hosts. Every input goes through the same parser and ``Recorder``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
-from nixboot_dhcp_hook import hook, parse
+from nixboot_dhcp_hook import hook, inotify, parse
 from nixboot_dhcp_hook.parse import BadLease, LeaseChange
 from nixboot_shared import bus, events, metrics, records, security, subjects
 from nixboot_shared.config import Config
@@ -35,6 +37,10 @@ DRAIN_INTERVAL_SECONDS = 2.0
 PUBLISH_ATTEMPTS = 3
 RETRANSMIT_SECONDS = 3.0
 MAX_CONCURRENT = 64  # lease payloads in flight (distinct MACs proceed in parallel)
+# A sh hook file without its end marker is taken for one being written; this old, its writer died.
+INCOMPLETE_GRACE_SECONDS = 30.0
+MAX_SPOOL_FILE_BYTES = 1 << 20  # far above any DHCP server's call: larger is not from a hook
+REJECTED_DIR = "rejected"  # inside the spool: malformed files, kept for a human to read
 MAX_REMEMBERED = 100_000  # MAC keys whose last write this instance remembers
 
 LEASE_CHANGES = Counter("nixboot_dhcp_lease_changes", "Lease changes recorded", ["source", "kind"])
@@ -58,6 +64,9 @@ SPOOLED = Counter(
     "nixboot_dhcp_spooled", "Hook payloads the service put back into the spool (NATS down)"
 )
 DRAINED = Counter("nixboot_dhcp_spool_drained", "Spool files delivered or rejected")
+REJECTED = Counter(
+    "nixboot_dhcp_spool_rejected", "Spool files that hold no valid hook call: moved to rejected/"
+)
 LEASE_TO_EVENT = Histogram(
     "nixboot_dhcp_lease_to_event_seconds",
     "From the hook call (or HTTP request) to the event stored in JetStream",
@@ -297,7 +306,7 @@ class Recorder:
 class HookInbox(asyncio.DatagramProtocol):
     """Datagrams from the hook command, queued for one worker (the hook never waits for us)."""
 
-    def __init__(self, queue: asyncio.Queue[bytes]) -> None:
+    def __init__(self, queue: asyncio.Queue[bytes | Path]) -> None:
         self.queue = queue
 
     def datagram_received(self, data: bytes, addr: object) -> None:
@@ -314,18 +323,16 @@ class DhcpHookService:
         state = cfg.state_path
         self.socket_path = Path(cfg.dhcp_hook.socket or state / "dhcp-hook.sock")
         self.spool_dir = Path(cfg.dhcp_hook.spool_dir or state / "spool")
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10000)
+        # Datagram payloads, and spool files inotify saw closed.
+        self.queue: asyncio.Queue[bytes | Path] = asyncio.Queue(maxsize=10000)
         self.drain_now = asyncio.Event()
+        # Spool files being handled: the drain leaves them alone (no double publish).
+        self.inflight: set[Path] = set()
 
-    async def handle_payload(self, payload: bytes) -> bool:
-        """Parse and record one hook payload. False: NATS is unavailable, keep the payload."""
-        call: parse.HookCall | None = None
-        try:
-            call = parse.decode_hook_payload(payload)
-            changes = parse.parse_hook(call.argv, call.env, call.ts)
-        except BadLease as e:
-            bad_input(guess_source(call), str(e))
-            return True
+    async def record_call(self, call: parse.HookCall) -> bool:
+        """Parse and record one hook call. False: NATS is unavailable, keep the call. Raises
+        BadLease when the call is not a lease change we can read."""
+        changes = parse.parse_hook(call.argv, call.env, call.ts)
         for change in changes:
             try:
                 await self.recorder.record(change)
@@ -340,18 +347,34 @@ class DhcpHookService:
                 return False
         return True
 
+    async def handle_payload(self, payload: bytes) -> bool:
+        """Parse and record one datagram payload. False: NATS is unavailable, keep the payload."""
+        call: parse.HookCall | None = None
+        try:
+            call = parse.decode_hook_payload(payload)
+            return await self.record_call(call)
+        except BadLease as e:
+            bad_input(guess_source(call), str(e))
+            return True
+
     async def worker(self) -> None:
-        """Take datagrams in arrival order; handle different MACs concurrently (the Recorder keeps
-        one MAC's changes in order), so one slow KV round trip does not delay every lease."""
+        """Take datagrams and spool files in arrival order; handle different MACs concurrently
+        (the Recorder keeps one MAC's changes in order), so one slow KV round trip does not delay
+        every lease."""
         slots = asyncio.Semaphore(MAX_CONCURRENT)
-        pending: set[asyncio.Task[None]] = set()
+        pending: set[asyncio.Task[object]] = set()
         while True:
-            payload = await self.queue.get()
+            item = await self.queue.get()
             await slots.acquire()
-            task = asyncio.ensure_future(self._handle_or_spool(payload))
+            job = (
+                self._handle_or_spool(item)
+                if isinstance(item, bytes)
+                else self.handle_file(item, from_watch=True)
+            )
+            task: asyncio.Task[object] = asyncio.ensure_future(job)
             pending.add(task)
 
-            def done(t: asyncio.Task[None]) -> None:
+            def done(t: asyncio.Task[object]) -> None:
                 pending.discard(t)
                 slots.release()
 
@@ -370,6 +393,8 @@ class DhcpHookService:
 
     async def _handle_or_spool(self, payload: bytes) -> None:
         payload, spooled = self._spooled_copy(payload)
+        if spooled is not None:
+            self.inflight.add(spooled)
         try:
             if await self.handle_payload(payload):
                 if spooled is not None:
@@ -378,6 +403,9 @@ class DhcpHookService:
                 return
         except Exception:
             log.exception("lease payload failed: spooling it")
+        finally:
+            if spooled is not None:
+                self.inflight.discard(spooled)
         if spooled is not None:
             SPOOLED.inc()  # the hook's copy stays in the spool; the drain delivers it
             return
@@ -388,24 +416,92 @@ class DhcpHookService:
         await asyncio.to_thread(hook.spool, payload, str(self.spool_dir), call_ts)
         SPOOLED.inc()
 
-    def _spool_files(self) -> list[Path]:
+    def _read_spool_file(self, path: Path) -> tuple[bytes, float]:
+        """Contents and mtime (the sh hook's call time). Small files in the page cache: read in
+        the event loop, a thread hop would cost more than the read."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            return sorted(self.spool_dir.glob("*" + hook.SPOOL_SUFFIX))
-        except OSError:
-            return []
+            st = os.fstat(fd)
+            if st.st_size > MAX_SPOOL_FILE_BYTES:
+                raise BadLease(f"{st.st_size} bytes, more than any hook call")
+            return os.read(fd, MAX_SPOOL_FILE_BYTES + 1), st.st_mtime
+        finally:
+            os.close(fd)
 
-    async def drain(self) -> int:
-        """Deliver spooled payloads oldest first; stop at the first that NATS cannot take."""
-        done = 0
-        for path in await asyncio.to_thread(self._spool_files):
+    def _reject(self, path: Path, source: str, reason: str) -> None:
+        """Count, log, and move the file to rejected/ (kept for a human; never retried)."""
+        REJECTED.inc()
+        aside = path.parent / REJECTED_DIR / path.name
+        try:
+            aside.parent.mkdir(mode=0o770, exist_ok=True)
+            os.replace(path, aside)
+            where = f"moved to {aside}"
+        except FileNotFoundError:
+            where = "gone"
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            where = f"deleted, cannot move it aside: {e.strerror}"
+        bad_input(source, f"spool file {path.name}: {reason} ({where})")
+
+    async def handle_file(self, path: Path, *, from_watch: bool = False) -> bool:
+        """Record one spool file and delete it; a malformed one goes to rejected/. False: NATS is
+        unavailable, the file stays for the drain."""
+        if path in self.inflight:
+            return True
+        self.inflight.add(path)
+        call: parse.HookCall | None = None
+        try:
             try:
-                payload = await asyncio.to_thread(path.read_bytes)
+                payload, mtime = self._read_spool_file(path)
             except FileNotFoundError:
-                continue  # another instance took it
-            if not await self.handle_payload(payload):
-                break
+                return True  # another instance (or the datagram's handler) took it
+            except OSError as e:
+                self._reject(path, "spool", f"unreadable: {e.strerror}")
+                return True
+            try:
+                if parse.is_sh_payload(payload):
+                    call = parse.decode_sh_payload(payload, mtime, hook.ENV_PREFIXES)
+                else:
+                    call = parse.decode_hook_payload(payload)
+                ok = await self.record_call(call)
+            except parse.IncompleteHookFile as e:
+                if time.time() - mtime > INCOMPLETE_GRACE_SECONDS:
+                    self._reject(path, "spool", f"{e}, and {INCOMPLETE_GRACE_SECONDS:.0f} s old")
+                return True  # else still being written: its close brings it back
+            except BadLease as e:
+                self._reject(path, guess_source(call) if call else "spool", str(e))
+                return True
+            if not ok:
+                if from_watch:
+                    SPOOLED.inc()  # stays in the spool; the drain delivers it
+                return False
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+            return True
+        finally:
+            self.inflight.discard(path)
+
+    def _spool_files(self) -> list[Path]:
+        """Oldest first: by mtime (the sh hook's names do not sort by time), then by name."""
+        found = []
+        try:
+            for entry in os.scandir(self.spool_dir):
+                if entry.name.endswith(hook.SPOOL_SUFFIX) and not entry.name.startswith("."):
+                    with contextlib.suppress(FileNotFoundError):
+                        found.append((entry.stat().st_mtime_ns, entry.name))
+        except OSError:
+            return []
+        return [self.spool_dir / name for _, name in sorted(found)]
+
+    async def drain(self) -> int:
+        """Deliver spooled calls oldest first; stop at the first that NATS cannot take."""
+        done = 0
+        for path in await asyncio.to_thread(self._spool_files):
+            if path in self.inflight:
+                continue
+            if not await self.handle_file(path):
+                break
             DRAINED.inc()
             done += 1
         if done:
@@ -421,6 +517,34 @@ class DhcpHookService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.drain_now.wait(), DRAIN_INTERVAL_SECONDS)
             self.drain_now.clear()
+
+    def watch_spool(self) -> inotify.DirWatch | None:
+        """inotify on the spool: each sh hook file is handled as soon as it is closed. Without
+        inotify (watch limit reached, not Linux) the drain still delivers it, within 2 s."""
+        try:
+            watch = inotify.DirWatch(str(self.spool_dir), inotify.IN_CLOSE_WRITE)
+        except (OSError, AttributeError) as e:
+            log.warning("no inotify on %s (%s): spool files wait for the drain", self.spool_dir, e)
+            return None
+
+        def readable() -> None:
+            try:
+                names, overflow = watch.read_names()
+            except OSError as e:
+                log.warning("inotify read failed (%s): the drain takes over", e)
+                names, overflow = [], True
+            if overflow:
+                self.drain_now.set()
+            for name in names:
+                # The Python hook and the service write `.<name>.tmp` and rename: not ours here.
+                if name.endswith(hook.SPOOL_SUFFIX) and not name.startswith("."):
+                    try:
+                        self.queue.put_nowait(self.spool_dir / name)
+                    except asyncio.QueueFull:
+                        self.drain_now.set()
+
+        asyncio.get_running_loop().add_reader(watch.fd, readable)
+        return watch
 
     def open_socket(self) -> socket.socket:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -445,12 +569,16 @@ async def setup(ctx: ServiceContext, app: FastAPI) -> None:
     sock = svc.open_socket()
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(lambda: HookInbox(svc.queue), sock=sock)
+    watch = svc.watch_spool()
     ctx.spawn(svc.worker(), "worker")
     ctx.spawn(svc.drain_loop(), "drain")
     log.info("dhcp-hook: socket %s, spool %s", svc.socket_path, svc.spool_dir)
 
     async def close() -> None:
         transport.close()
+        if watch is not None:
+            loop.remove_reader(watch.fd)
+            watch.close()
         with contextlib.suppress(FileNotFoundError):
             svc.socket_path.unlink()
 
