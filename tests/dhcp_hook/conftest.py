@@ -28,6 +28,8 @@ from tests.conftest import NatsServer, free_port, tool
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy" / "dhcp"
 SYSTEM_PYTHON = "/usr/bin/python3"  # what a DHCP server's host runs the hook with
+HOOK_TEMPLATES = {"sh": "nixboot-dhcp-hook.sh", "python": "nixboot-dhcp-hook-python.sh"}
+HOOK_KINDS = list(HOOK_TEMPLATES)
 
 
 def random_mac() -> str:
@@ -107,11 +109,13 @@ class HookService:
                 return float(value)
         return 0.0
 
-    def wrapper(self, dest_dir: Path) -> Path:
-        """deploy/dhcp/nixboot-dhcp-hook.sh filled in for this service."""
+    def wrapper(self, dest_dir: Path, kind: str = "sh") -> Path:
+        """The hook from deploy/dhcp filled in for this service: ``sh`` (nixboot-dhcp-hook.sh, the
+        default) or ``python`` (nixboot-dhcp-hook-python.sh, running hook.py)."""
+        template = HOOK_TEMPLATES[kind]
         path = render(
-            DEPLOY / "nixboot-dhcp-hook.sh",
-            dest_dir / "nixboot-dhcp-hook",
+            DEPLOY / template,
+            dest_dir / template.removesuffix(".sh"),
             {
                 "PYTHON": SYSTEM_PYTHON,
                 "HOOK_PY": nixboot_dhcp_hook.hook.__file__,

@@ -19,6 +19,7 @@ from nixboot_shared import events, subjects
 from tests.conftest import tool
 from tests.dhcp_hook.conftest import (
     DEPLOY,
+    HOOK_KINDS,
     Bus,
     Client,
     HookService,
@@ -169,15 +170,16 @@ async def check_client_lifecycle(
     assert await bus.mac_of_ip(ip) is None
 
 
+@pytest.mark.parametrize("kind", HOOK_KINDS)
 @pytest.mark.parametrize(
     "server",
     [Server("dnsmasq", True), Server("kea", False), Server("isc", True)],
     ids=lambda s: s.name,
 )
 async def test_real_server_lease_renew_release(
-    server: Server, lab: Lab, hook_service: HookService, bus_reader: Bus
+    server: Server, kind: str, lab: Lab, hook_service: HookService, bus_reader: Bus
 ) -> None:
-    hook = hook_service.wrapper(lab.dir)
+    hook = hook_service.wrapper(lab.dir, kind)
     STARTERS[server.name](lab, hook)
     ipxe_bios = lab.client(random_mac(), [*IPXE_BIOS, "-x", "hostname:lab-pc1"])
     uefi = lab.client(random_mac(), UEFI_PXE)
@@ -194,10 +196,11 @@ async def test_real_server_lease_renew_release(
         assert first.hostname == "lab-pc1"
 
 
+@pytest.mark.parametrize("kind", HOOK_KINDS)
 async def test_dnsmasq_leases_while_service_is_down_arrive_once_later(
-    lab: Lab, hook_service: HookService, bus_reader: Bus
+    kind: str, lab: Lab, hook_service: HookService, bus_reader: Bus
 ) -> None:
-    hook = hook_service.wrapper(lab.dir)
+    hook = hook_service.wrapper(lab.dir, kind)
     hook_service.stop()
     start_dnsmasq(lab, hook)
     client = lab.client(random_mac(), IPXE_BIOS)
@@ -254,13 +257,14 @@ async def test_dnsmasq_restart_replay_does_not_swallow_the_next_request(
     assert lease.from_lease_file, lease
 
 
+@pytest.mark.parametrize("kind", HOOK_KINDS)
 async def test_dhcp_unaffected_when_the_hook_cannot_deliver_anywhere(
-    lab: Lab, tmp_path: Path
+    kind: str, lab: Lab, tmp_path: Path
 ) -> None:
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("")
     svc = HookService("nats://127.0.0.1:1", blocked)  # no socket, and no spool possible
-    hook = svc.wrapper(lab.dir)
+    hook = svc.wrapper(lab.dir, kind)
     assert run_hook(hook, ["add", random_mac(), "10.0.0.1"])[0] == 0
     start_dnsmasq(lab, hook)
     client = lab.client(random_mac(), UEFI_PXE)

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from nixboot_shared import subjects
-from tests.dhcp_hook.conftest import Bus, HookService, random_mac, run_hook, wait_for
+from tests.dhcp_hook.conftest import HOOK_KINDS, Bus, HookService, random_mac, run_hook, wait_for
 
 PXE_ENV = {
     "DNSMASQ_VENDOR_CLASS": "PXEClient:Arch:00007:UNDI:003016",
@@ -22,10 +23,11 @@ PXE_ENV = {
 }
 
 
+@pytest.mark.parametrize("kind", HOOK_KINDS)
 async def test_hook_call_becomes_event_and_lease_map(
-    hook_service: HookService, bus_reader: Bus, tmp_path: Path
+    kind: str, hook_service: HookService, bus_reader: Bus, tmp_path: Path
 ) -> None:
-    hook = hook_service.wrapper(tmp_path)
+    hook = hook_service.wrapper(tmp_path, kind)
     mac = random_mac()
     code, _, err = run_hook(hook, ["add", mac.upper(), "10.9.0.7", "pc7"], PXE_ENV)
     assert (code, err) == (0, "")
@@ -43,10 +45,11 @@ async def test_hook_call_becomes_event_and_lease_map(
     )
 
 
+@pytest.mark.parametrize("kind", HOOK_KINDS)
 async def test_service_down_hook_stays_fast_and_spool_delivers_once(
-    hook_service: HookService, bus_reader: Bus, tmp_path: Path
+    kind: str, hook_service: HookService, bus_reader: Bus, tmp_path: Path
 ) -> None:
-    hook = hook_service.wrapper(tmp_path)
+    hook = hook_service.wrapper(tmp_path, kind)
     hook_service.stop()
     mac = random_mac()
     calls = [
@@ -136,10 +139,11 @@ async def test_lease_file_replay_unknown_to_the_map_opens_no_retransmit_window(
     assert lease is not None and lease.server_ts == expires - 3600 + 1
 
 
+@pytest.mark.parametrize("kind", HOOK_KINDS)
 async def test_bad_hook_input_is_counted_logged_and_changes_nothing(
-    hook_service: HookService, bus_reader: Bus, tmp_path: Path
+    kind: str, hook_service: HookService, bus_reader: Bus, tmp_path: Path
 ) -> None:
-    hook = hook_service.wrapper(tmp_path)
+    hook = hook_service.wrapper(tmp_path, kind)
     before = hook_service.metric("nixboot_bad_input_total", source="dhcp-hook-dnsmasq")
     before_unknown = hook_service.metric("nixboot_bad_input_total", source="dhcp-hook-unknown")
     mac = random_mac()
@@ -177,11 +181,12 @@ async def test_bad_hook_input_is_counted_logged_and_changes_nothing(
     assert len(await bus_reader.lease_events(mac, 1)) == 1
 
 
-async def test_hook_with_nowhere_to_deliver_still_exits_zero(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", HOOK_KINDS)
+async def test_hook_with_nowhere_to_deliver_still_exits_zero(kind: str, tmp_path: Path) -> None:
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("")
     svc = HookService("nats://127.0.0.1:1", blocked)  # state dir is a file: spool impossible
-    code, _, err = run_hook(svc.wrapper(tmp_path), ["add", random_mac(), "10.0.0.1"])
+    code, _, err = run_hook(svc.wrapper(tmp_path, kind), ["add", random_mac(), "10.0.0.1"])
     assert code == 0
     assert "lease change lost" in err
 
@@ -243,7 +248,10 @@ async def test_repeated_grant_within_seconds_is_a_retransmit(
     assert hook_service.metric("nixboot_dhcp_retransmits_total", source="http") >= 2
 
 
-async def test_nats_down_service_spools_and_delivers_after_reconnect(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", HOOK_KINDS)
+async def test_nats_down_service_spools_and_delivers_after_reconnect(
+    kind: str, tmp_path: Path
+) -> None:
     import nats as nats_client
 
     from tests.conftest import NatsServer
@@ -254,7 +262,7 @@ async def test_nats_down_service_spools_and_delivers_after_reconnect(tmp_path: P
     svc.state.mkdir()
     svc.start()
     try:
-        hook = svc.wrapper(tmp_path)
+        hook = svc.wrapper(tmp_path, kind)
         mac = random_mac()
         own_nats.stop()
         code, seconds, _ = run_hook(hook, ["add", mac, "10.9.6.6"], PXE_ENV)

@@ -371,8 +371,8 @@ def decode_hook_payload(payload: bytes) -> HookCall:
 SH_MAGIC = b"nixboot-dhcp-hook/sh1"  # deploy/dhcp/nixboot-dhcp-hook.sh
 SH_END = b"nixboot-dhcp-hook/end\n"
 # What dash and busybox ash print for `export -p`: export NAME='v'"'"'alue' (a quote inside a
-# value closes the quotes, adds "'" and reopens them). Other shells (bash: double quotes) go
-# through shlex, slower but general.
+# value closes the quotes, adds "'" and reopens them): one regex. Other shells (bash: double
+# quotes, $'...' for control characters) go through a small shell-word splitter, slower.
 _EXPORT_LINE_RE = re.compile(r"export ([A-Za-z_][A-Za-z0-9_]*)=((?:'[^']*'|\"'\"|\\')*)\n")
 _EXPORT_PIECE_RE = re.compile(r"'([^']*)'|\"(')\"|\\(')")
 
@@ -392,22 +392,103 @@ def _exported(text: str, prefixes: tuple[str, ...]) -> dict[str, str]:
     while pos < len(text):
         m = _EXPORT_LINE_RE.match(text, pos)
         if m is None:
-            return _exported_shlex(text[pos:], prefixes, env)
+            return _exported_general(text[pos:], prefixes, env)
         pos = m.end()
         if m[1].startswith(prefixes):
             env[m[1]] = "".join(a or b or c for a, b, c in _EXPORT_PIECE_RE.findall(m[2]))
     return env
 
 
-def _exported_shlex(text: str, prefixes: tuple[str, ...], env: dict[str, str]) -> dict[str, str]:
-    import shlex
+_ANSI_C = {"a": 7, "b": 8, "e": 27, "E": 27, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11}
+_ANSI_C_NUM_RE = re.compile(r"[0-7]{1,3}|x[0-9A-Fa-f]{1,2}|u[0-9A-Fa-f]{1,4}|U[0-9A-Fa-f]{1,8}")
 
-    try:
-        words = shlex.split(text, comments=False, posix=True)
-    except ValueError as e:
-        raise BadLease(f"sh hook file: environment not in `export -p` form ({e})") from None
-    for word in words:
-        if word in ("export", "declare", "-x", "readonly"):
+
+def _ansi_c(text: str, i: int, out: bytearray) -> int:
+    """bash's ``$'...'`` from just after the opening quote; returns the index after the closing
+    one. Octal and hex escapes are bytes (bash writes UTF-8 text that way), \\u code points."""
+    while i < len(text):
+        ch = text[i]
+        if ch == "'":
+            return i + 1
+        if ch != "\\" or i + 1 == len(text):
+            out += ch.encode()
+            i += 1
+            continue
+        esc = text[i + 1]
+        num = _ANSI_C_NUM_RE.match(text, i + 1)
+        if esc in _ANSI_C:
+            out.append(_ANSI_C[esc])
+            i += 2
+        elif num is not None:
+            digits = num[0]
+            if digits[0] in "uU":
+                out += chr(min(int(digits[1:], 16), 0x10FFFF)).encode(errors="replace")
+            elif digits[0] == "x":
+                out.append(int(digits[1:], 16))
+            else:
+                out.append(int(digits, 8) & 0xFF)
+            i = num.end()
+        elif esc == "c" and i + 2 < len(text):
+            out.append(ord(text[i + 2]) & 0x1F)
+            i += 3
+        else:  # \\ \' \" \? and unknown escapes: the character itself
+            out += esc.encode()
+            i += 2
+    raise BadLease("sh hook file: unterminated $'...' in the environment")
+
+
+def _shell_words(text: str) -> list[str]:
+    """Split ``export -p`` / ``declare -x`` output as a shell would: blanks separate words; a word
+    joins plain characters, \\-escapes, '...', "..." and bash's $'...'."""
+    words: list[str] = []
+    cur = bytearray()
+    in_word = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch in " \t\n":
+            if in_word:
+                words.append(cur.decode(errors="replace"))
+                cur, in_word = bytearray(), False
+            i += 1
+            continue
+        in_word = True
+        if ch == "'":
+            end = text.find("'", i + 1)
+            if end < 0:
+                raise BadLease("sh hook file: unterminated '...' in the environment")
+            cur += text[i + 1 : end].encode()
+            i = end + 1
+        elif ch == "$" and text.startswith("$'", i):
+            i = _ansi_c(text, i + 2, cur)
+        elif ch == '"':
+            i += 1
+            while i < len(text) and text[i] != '"':
+                if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in '"\\$`\n':
+                    if text[i + 1] != "\n":  # backslash-newline: a line continuation
+                        cur += text[i + 1].encode()
+                    i += 2
+                else:
+                    cur += text[i].encode()
+                    i += 1
+            if i >= len(text):
+                raise BadLease('sh hook file: unterminated "..." in the environment')
+            i += 1
+        elif ch == "\\" and i + 1 < len(text):
+            if text[i + 1] != "\n":
+                cur += text[i + 1].encode()
+            i += 2
+        else:
+            cur += ch.encode()
+            i += 1
+    if in_word:
+        words.append(cur.decode(errors="replace"))
+    return words
+
+
+def _exported_general(text: str, prefixes: tuple[str, ...], env: dict[str, str]) -> dict[str, str]:
+    for word in _shell_words(text):
+        if word in ("export", "declare", "typeset", "-x", "-r", "-rx", "readonly"):
             continue
         key, eq, value = word.partition("=")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):

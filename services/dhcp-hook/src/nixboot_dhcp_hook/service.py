@@ -459,6 +459,9 @@ class DhcpHookService:
             except OSError as e:
                 self._reject(path, "spool", f"unreadable: {e.strerror}")
                 return True
+            except BadLease as e:
+                self._reject(path, "spool", str(e))
+                return True
             try:
                 if parse.is_sh_payload(payload):
                     call = parse.decode_sh_payload(payload, mtime, hook.ENV_PREFIXES)

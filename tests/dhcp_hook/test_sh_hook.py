@@ -1,0 +1,159 @@
+"""The POSIX sh hook (deploy/dhcp/nixboot-dhcp-hook.sh) under the shells a DHCP server's host may
+have as /bin/sh, its file format as the service decodes it, and the service's handling of spool
+files that are malformed or still being written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nixboot_dhcp_hook import hook, parse
+from nixboot_dhcp_hook.service import REJECTED_DIR
+from tests.conftest import tool
+from tests.dhcp_hook.conftest import DEPLOY, Bus, HookService, random_mac, run_hook, wait_for
+
+SH_HOOK = DEPLOY / "nixboot-dhcp-hook.sh"
+# Values a DHCP server may pass: quotes of both kinds, newline, $, backslash, non-ASCII, '='.
+TRICKY = {
+    "DNSMASQ_SUPPLIED_HOSTNAME": 'it\'s "pc" $HOME \\n\nline2 é = x',
+    "DNSMASQ_TAGS": "nb-arch-7 br0",
+    "LEASE4_ADDRESS": "10.0.0.9",
+    "DNSMASQ_EMPTY": "",
+    "UNRELATED": "not captured",
+}
+ARGV = ["add", "52:54:00:aa:bb:cc", "10.0.0.9", "host with 'quotes' and\nnewline", ""]
+
+
+def shells() -> list[list[str]]:
+    """dash (Debian's /bin/sh), busybox ash, bash (whose `export -p` quotes differently)."""
+    found = [["/bin/sh"], [tool("busybox"), "sh"]]
+    if shutil.which("bash"):
+        found.append([str(shutil.which("bash"))])
+    return found
+
+
+def run_sh_hook(shell: list[str], spool: Path, argv: list[str], env: dict[str, str]) -> Path:
+    p = subprocess.run(
+        [*shell, str(SH_HOOK), "--spool-dir", str(spool), *argv],
+        env=env,
+        capture_output=True,
+        timeout=10,
+    )
+    assert p.returncode == 0, p.stderr
+    [written] = list(spool.glob("*.lease"))
+    return written
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: Path(s[0]).name)
+def test_sh_hook_file_decodes_to_the_exact_call(shell: list[str], tmp_path: Path) -> None:
+    spool = tmp_path / "spool"  # does not exist yet: the hook makes it
+    before = time.time()
+    path = run_sh_hook(shell, spool, ARGV, TRICKY)
+    assert path.name.startswith("sh-") and (path.stat().st_mode & 0o777) == 0o640
+    call = parse.decode_sh_payload(path.read_bytes(), path.stat().st_mtime, hook.ENV_PREFIXES)
+    assert call.argv == ARGV
+    assert call.env == {k: v for k, v in TRICKY.items() if k != "UNRELATED"}
+    assert before - 1 <= call.ts <= time.time() + 1
+
+
+def test_sh_hook_takes_the_next_name_when_its_own_is_taken(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    # Names the hook's pid will likely have: it must not overwrite any of them.
+    taken = {spool / f"sh-{pid}-0.lease" for pid in range(300, 40000)}
+    for p in taken:
+        p.write_bytes(b"taken")
+    p = subprocess.run(["/bin/sh", str(SH_HOOK), "--spool-dir", str(spool), "add"], env={})
+    assert p.returncode == 0
+    new = set(spool.glob("*.lease")) - taken
+    assert all(t.read_bytes() == b"taken" for t in taken)
+    if new:  # the pid was outside the range: nothing to prove beyond no overwrite
+        [written] = new
+        assert parse.is_sh_payload(written.read_bytes())
+
+
+def test_unfilled_template_follows_the_service_defaults(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    code, _, err = run_hook(
+        SH_HOOK, ["add", random_mac(), "10.0.0.1"], {"NIXBOOT_STATE_DIR": str(state)}
+    )
+    assert code == 0 and "service not running" in err
+    assert len(list((state / "spool").glob("sh-*.lease"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"nixboot-dhcp-hook/sh1\x001\x00add\x00", "no end marker"),
+        (b"nixboot-dhcp-hook/sh1\x005\x00add\x00\x00nixboot-dhcp-hook/end\n", "header is damaged"),
+        (b"nixboot-dhcp-hook/sh1\x001\x00\xff\x00\x00nixboot-dhcp-hook/end\n", "not UTF-8"),
+        (b"nixboot-dhcp-hook/sh1\x000\x00export 1X='a'\n\x00nixboot-dhcp-hook/end\n", "NAME=V"),
+        (b"nixboot-dhcp-hook/sh1\x000\x00export X='a\n\x00nixboot-dhcp-hook/end\n", "unterminated"),
+        (b"junk", "not a nixboot sh hook file"),
+    ],
+)
+def test_damaged_sh_files_are_rejected_clearly(payload: bytes, message: str) -> None:
+    with pytest.raises(parse.BadLease, match=message):
+        parse.decode_sh_payload(payload, 0.0, hook.ENV_PREFIXES)
+
+
+async def test_malformed_spool_files_are_moved_aside_counted_and_logged(
+    hook_service: HookService, bus_reader: Bus, tmp_path: Path
+) -> None:
+    spool = hook_service.spool
+    hook_sh = hook_service.wrapper(tmp_path)
+    mac = random_mac()
+    bad = {
+        "junk.lease": b"\x00\x01 not a hook call",
+        "big.lease": b"nixboot-dhcp-hook/sh1\x00" + b"x" * (2 << 20),
+        "badmac.lease": b"nixboot-dhcp-hook/sh1\x003\x00add\x0052:54:00\x0010.0.0.1"
+        b"\x00\x00nixboot-dhcp-hook/end\n",
+    }
+    before_spool = hook_service.metric("nixboot_bad_input_total", source="dhcp-hook-spool")
+    before_dnsmasq = hook_service.metric("nixboot_bad_input_total", source="dhcp-hook-dnsmasq")
+    for name, data in bad.items():
+        (spool / name).write_bytes(data)  # written and closed: inotify hands it over at once
+    # A file still being written (no end marker, young) is left alone...
+    writing = spool / "sh-1-0.lease"
+    head = (
+        f"nixboot-dhcp-hook/sh1\x003\x00add\x00{mac}\x0010.9.7.7\x00export DNSMASQ_LEASE_EXPIRES="
+    ).encode()
+    writing.write_bytes(head)
+    # ...and one whose writer died long ago goes aside with the rest.
+    dead = spool / "sh-2-0.lease"
+    dead.write_bytes(head)
+    os.utime(dead, (time.time() - 120, time.time() - 120))
+    rejected = spool / REJECTED_DIR
+    want = {*bad, dead.name}
+    wait_for(
+        lambda: {p.name for p in rejected.glob("*.lease")} == want, 10, "malformed files aside"
+    )
+    assert hook_service.metric("nixboot_dhcp_spool_rejected_total") == len(want)
+    assert hook_service.metric("nixboot_bad_input_total", source="dhcp-hook-spool") == (
+        before_spool + 3
+    )
+    assert hook_service.metric("nixboot_bad_input_total", source="dhcp-hook-dnsmasq") == (
+        before_dnsmasq + 1
+    )
+    log = hook_service.log()
+    assert "spool file junk.lease: not a nixboot hook payload" in log
+    assert "spool file big.lease:" in log and "more than any hook call" in log
+    assert "spool file badmac.lease: invalid MAC address '52:54:00'" in log
+    assert "spool file sh-2-0.lease: sh hook file has no end marker" in log
+    assert f"moved to {rejected / 'junk.lease'}" in log
+    assert writing.exists()  # left for its writer
+    # The writer finishes: the close hands it to the service, which records it.
+    with writing.open("ab") as f:
+        f.write(b"'4000000000'\n\x00nixboot-dhcp-hook/end\n")
+    [ev] = await bus_reader.lease_events(mac, 1)
+    assert (ev.ip, ev.expires) == ("10.9.7.7", 4000000000)
+    wait_for(lambda: not writing.exists(), 5, "the finished file deleted once recorded")
+    # Nothing crashed: the hook still goes through.
+    other = random_mac()
+    assert run_hook(hook_sh, ["add", other, "10.9.7.8"])[0] == 0
+    assert len(await bus_reader.lease_events(other, 1)) == 1
