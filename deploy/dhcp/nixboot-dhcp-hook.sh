@@ -48,23 +48,24 @@ say() {
 }
 
 umask 027   # the service's group reads the spool, nobody else
-set -C      # noclobber: `>` creates exclusively, so two calls never share a file
-n=0 made=
-while :; do
-  f=$spool/sh-$$-$n.lease
-  if { printf 'nixboot-dhcp-hook/sh1\0%s\0' $# && { [ $# -eq 0 ] || printf '%s\0' "$@"; } &&
-       export -p && printf '\0nixboot-dhcp-hook/end\n'; } 2>/dev/null >"$f"; then
-    break
-  fi
-  if [ -e "$f" ] && [ $n -lt 100 ]; then
-    n=$((n + 1))  # left by an earlier call with our pid: take the next name
-  elif [ -z "$made" ] && [ ! -d "$spool" ]; then
-    made=1
-    mkdir -p -m 0770 "$spool" 2>/dev/null  # first lease before the service ever ran
-  else
-    say "lease change lost: cannot write a spool file in $spool"
+set -C      # noclobber: `>` creates exclusively (O_EXCL), never into another call's file
+n=0
+# A name left by an earlier call with our pid (service down, pid reused): take the next one. Only
+# a process with our pid writes sh-<pid>-*, so no other call can take the name we found free.
+while [ -e "$spool/sh-$$-$n.lease" ] && [ $n -lt 1000 ]; do n=$((n + 1)); done
+f=$spool/sh-$$-$n.lease
+write() {
+  { printf 'nixboot-dhcp-hook/sh1\0%s\0' $# && { [ $# -eq 0 ] || printf '%s\0' "$@"; } &&
+    export -p && printf '\0nixboot-dhcp-hook/end\n'; } 2>/dev/null >"$f"
+}
+if ! write "$@"; then
+  # First lease before the service ever ran: no spool directory yet.
+  if [ -e "$f" ] || [ -d "$spool" ] || ! mkdir -p -m 0770 "$spool" 2>/dev/null || ! write "$@"
+  then
+    # A partial file (disk full) has no end marker: the service moves it aside, logged.
+    say "lease change lost: cannot write $f"
     exit 0
   fi
-done
+fi
 [ -S "$sock" ] || say "service not running (no socket $sock); spooled to $f"
 exit 0
