@@ -86,6 +86,25 @@ def test_unfilled_template_follows_the_service_defaults(tmp_path: Path) -> None:
     assert len(list((state / "spool").glob("sh-*.lease"))) == 1
 
 
+def test_export_forms_of_other_shells() -> None:
+    """bash's `declare -x` with double quotes and $'...' (octal bytes of UTF-8, \\x, \\u), an
+    exported variable without a value, backslash escapes outside quotes."""
+    text = (
+        "declare -x OLDPWD\n"
+        'declare -x DNSMASQ_A="say \\"hi\\" \\$HOME \\\\ end"\n'
+        "declare -x DNSMASQ_B=$'it\\'s\\n\\303\\251\\x41\\u00e9\\t'\n"
+        "export DNSMASQ_C=a\\ b'c'\n"
+    )
+    payload = b"nixboot-dhcp-hook/sh1\x000\x00" + text.encode() + b"\x00nixboot-dhcp-hook/end\n"
+    call = parse.decode_sh_payload(payload, 5.0, hook.ENV_PREFIXES)
+    assert call.env == {
+        "DNSMASQ_A": 'say "hi" $HOME \\ end',
+        "DNSMASQ_B": "it's\néAé\t",
+        "DNSMASQ_C": "a bc",
+    }
+    assert (call.ts, call.argv) == (5.0, [])
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
