@@ -32,11 +32,10 @@ from pathlib import Path
 import cpu
 import httpx
 import machine
-import msgspec
 import nats
 from classic import ClassicStack
 from machine import BootResult, Target
-from nixboot_stack import NixbootStack
+from nixboot_stack import NixbootStack, wait_generations
 
 from nixboot_shared import events, menu, records, subjects
 
@@ -62,36 +61,6 @@ def prepare_flake(root: Path, configs: int, payload_kib: int) -> Path:
         f"  in {{ {rooms} }}; }}\n"
     )
     return flake
-
-
-async def wait_generations(
-    stack: NixbootStack, macs: list[str], timeout: float
-) -> dict[str, records.Generation]:
-    nc = await nats.connect(stack.nats_url)
-    kv = await nc.jetstream().key_value(subjects.KV_GENERATIONS)
-    deadline = time.monotonic() + timeout
-    found: dict[str, records.Generation] = {}
-    try:
-        while time.monotonic() < deadline:
-            for mac in macs:
-                if mac in found:
-                    continue
-                try:
-                    entry = await kv.get(subjects.mac_token(mac))
-                except Exception:
-                    continue
-                mg = msgspec.json.decode(entry.value or b"", type=records.MachineGenerations)
-                default = mg.default()
-                if default is not None:
-                    found[mac] = default
-            if len(found) == len(macs):
-                return found
-            await asyncio.sleep(0.5)
-    finally:
-        await nc.close()
-    raise RuntimeError(
-        f"generations missing for {len(macs) - len(found)} machines after {timeout} s"
-    )
 
 
 def render_classic_menus(classic: ClassicStack, gens: dict[str, records.Generation]) -> None:
@@ -195,23 +164,6 @@ async def storm(
     return wall, list(results)
 
 
-def hook_interpreter() -> str:
-    """The interpreter binary the deployed hook wrapper names (deploy/dhcp/nixboot-dhcp-hook.sh:
-    @PYTHON@ = /usr/bin/python3). Never a bare `python3` from PATH: on a pyenv host that is a bash
-    shim running `pyenv exec`, ~100 ms per lease instead of ~10 ms (measured), which no DHCP server
-    would run and which loaded the storm with work the classic stack never does."""
-    system = Path("/usr/bin/python3")
-    if system.exists():
-        return str(system)
-    return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-
-
-def with_real_interpreter(argv: list[str]) -> list[str]:
-    if argv and not os.path.isabs(argv[0]) and argv[0].startswith("python"):
-        return [hook_interpreter(), *argv[1:]]
-    return argv
-
-
 def p(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -301,7 +253,7 @@ async def one_cell(
 ) -> list[dict[str, object]]:
     """`--repeat` alternating runs of both stacks; the row holds the median wall time and the
     per-stage p99 over every run's machines (alternation spreads the machine's noise evenly)."""
-    hook_argv = with_real_interpreter(stack.hook_argv())
+    hook_argv = stack.hook_argv()
     walls: dict[str, list[float]] = {"nixboot": [], "classic": []}
     results: dict[str, list[BootResult]] = {"nixboot": [], "classic": []}
     cpu_s: dict[str, dict[str, float]] = {"nixboot": {}, "classic": {}}
@@ -422,7 +374,7 @@ async def main() -> int:
         (root / "nixboot").mkdir()
         stack.start()
         print("storm: builder is building the generations …", flush=True)
-        gens = await wait_generations(stack, macs, timeout=900)
+        gens = await wait_generations(stack.nats_url, macs, timeout=900, poll=0.5)
         classic.prepare()
         for toplevel in sorted({g.toplevel for g in gens.values()}):
             classic.publish_closure(toplevel, NIX_ENV)

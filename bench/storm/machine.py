@@ -17,7 +17,7 @@ NAR_JOBS = 16  # stage 1 passes -j16
 # new one per AsyncClient otherwise, loading the CA bundle each time: ~50 ms of the load
 # generator's CPU per machine (py-spy: a third of its samples), which starved the stack under test
 # on this 2-core machine and counted as a fixed cost per boot no PXE firmware has.
-_TLS = ssl.create_default_context()
+TLS = ssl.create_default_context()
 
 
 @dataclass
@@ -114,7 +114,7 @@ async def boot(target: Target, mac: str, cache: str, hook: object | None = None)
         kernel, initrd, append = parse_menu(menu.data.decode())
         mark("menu")
         limits = httpx.Limits(max_connections=NARINFO_IN_FLIGHT)
-        async with httpx.AsyncClient(limits=limits, timeout=120, verify=_TLS) as client:
+        async with httpx.AsyncClient(limits=limits, timeout=120, verify=TLS) as client:
             for url in (kernel, initrd):
                 async with client.stream("GET", url) as r:
                     r.raise_for_status()

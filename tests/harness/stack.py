@@ -270,7 +270,8 @@ class Stack:
         """The real hook as a DHCP server runs it (deploy/dhcp/nixboot-dhcp-hook.sh's command)."""
         import nixboot_dhcp_hook.hook as hook
 
-        return ["python3", "-S", "-I", hook.__file__ or "", "--state-dir", str(self.state)]
+        python = hook_interpreter()
+        return [python, "-S", "-I", hook.__file__ or "", "--state-dir", str(self.state)]
 
     def public_key(self) -> str:
         return (self.state / "cache-key.pub").read_text().strip()
@@ -280,6 +281,17 @@ class Stack:
         for f in sorted(self.root.glob("*.log")):
             out.append(f"== {f.name}\n{f.read_text(errors='replace')[-3000:]}")
         return "\n".join(out)
+
+
+def hook_interpreter() -> str:
+    """The interpreter binary the deployed hook wrapper names (deploy/dhcp/nixboot-dhcp-hook.sh:
+    @PYTHON@ = /usr/bin/python3). Never a bare `python3` from PATH: on a pyenv host that is a bash
+    shim running `pyenv exec`, ~100 ms per lease instead of ~10 ms (measured), which no DHCP server
+    would run and which loaded the storm with work the classic stack never does."""
+    system = Path("/usr/bin/python3")
+    if system.exists():
+        return str(system)
+    return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
 
 
 async def wait_generations(
