@@ -514,15 +514,15 @@ def answer_nar(svc: CacheService, name: str, method: str) -> Response:
     h = name.removesuffix(".nar.zst")
     if not name.endswith(".nar.zst") or not nix32.is_sha256(h):
         return _bad("nar", f"malformed NAR name {name!r}")
-    meta = svc.nars.meta(h)
-    st = _regular_file_stat(svc.nars.nar_file(h)) if meta is not None else None
-    if meta is not None and st is not None:
+    found = svc.nars.meta_stat(h)
+    if found is not None and stat.S_ISREG(found[1].st_mode):
+        meta, st = found
         svc.nars.touch(h)
         _count("nar", "200")
         if method == "GET":
             _count_nar("warm", meta.file_size)
         return FileResponse(
-            svc.nars.nar_file(h), media_type="application/x-nix-nar", stat_result=st
+            svc.nars.nar_path(h), media_type="application/x-nix-nar", stat_result=st
         )
     job = svc.nars.inflight(h)
     if job is None:
