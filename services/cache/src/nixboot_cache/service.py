@@ -60,6 +60,7 @@ CACHE_INFO = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: 30\n"
 _DRV_RE = re.compile(r"^[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]+\.drv$")
 LOG_DIR = Path("/nix/var/log/nix/drvs")
 WARM_DURABLE = "nixboot-cache-warm"
+PATH_MEMO_SECONDS = 1.0
 
 
 def warm_durable(cfg: Config) -> str:
@@ -174,6 +175,7 @@ class CacheService:
         self.chains = chain.ChainRequests()
         self._narinfo_memo: dict[tuple[PathInfo, str, int], str] = {}
         self._known: dict[str, str] = {}  # nar hash -> store path, for every narinfo we answered
+        self._paths: dict[str, tuple[PathInfo, float]] = {}  # hash part -> (path, held until)
         metrics.CACHE_BYTES.set_function(lambda: self.nars.total_bytes)
         metrics.MAX_BYTES.set(cfg.cache.max_bytes)
 
@@ -199,9 +201,23 @@ class CacheService:
         return keep
 
     async def lookup(self, hash_part: str) -> PathInfo | None:
-        """The path with this hash part: from the local store, or the upstream (verified)."""
+        """The path with this hash part: from the local store, or the upstream (verified).
+        A path found in the local store is held for ``PATH_MEMO_SECONDS``: a classroom asks for
+        the same paths within that time, and the two sqlite queries were the largest part of a
+        narinfo answer. A valid path's row never changes; one garbage-collected meanwhile is
+        answered as it would have been a moment earlier. Misses are never held (a path built
+        just now is found at once)."""
         if self.upstream is None:
-            return self.store.by_hash(hash_part)
+            now = time.monotonic()
+            hit = self._paths.get(hash_part)
+            if hit is not None and hit[1] > now:
+                return hit[0]
+            info = self.store.by_hash(hash_part)
+            if info is not None:
+                if len(self._paths) >= 50_000:
+                    self._paths.clear()
+                self._paths[hash_part] = (info, now + PATH_MEMO_SECONDS)
+            return info
         ni = await self.upstream.narinfo(hash_part)
         return None if ni is None else path_info(ni)
 
