@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import subprocess
 from pathlib import Path
 
@@ -32,6 +33,33 @@ def test_nix32_roundtrip(n: int) -> None:
 )
 def test_nix32_rejects(bad: str) -> None:
     assert not nix32.is_sha256(bad)
+
+
+def _decodes(text: str) -> bool:
+    try:
+        nix32.decode(text, 32)
+    except nix32.InvalidNix32:
+        return False
+    return True
+
+
+def test_is_sha256_agrees_with_decode() -> None:
+    """The fast check (first character and alphabet) accepts exactly what decode accepts: every
+    first character with random tails, random hashes, and near misses (a bad character at each
+    position, one character short or long, a trailing newline)."""
+    rnd = random.Random(52)
+    alphabet = nix32.ALPHABET
+    texts = [c + "".join(rnd.choices(alphabet, k=51)) for c in alphabet + "eA/.\n"]
+    for _ in range(300):
+        texts.append(nix32.encode(rnd.randbytes(32)))
+    good = texts[-1]
+    texts += [good[:i] + bad + good[i + 1 :] for i in range(52) for bad in "eouT"]
+    texts += [good[:51], good + "0", good + "\n", "", good.upper()]
+    accepted = 0
+    for text in texts:
+        assert nix32.is_sha256(text) == _decodes(text), text
+        accepted += _decodes(text)
+    assert 300 < accepted < len(texts)  # both answers were exercised
 
 
 def test_nar_equals_nix_store_dump(nixfx: NixFixture) -> None:

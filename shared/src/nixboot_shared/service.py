@@ -39,6 +39,9 @@ class ServiceContext:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     # Called in reverse order at shutdown (close sockets, stop threads).
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # What the HTTP server runs instead of the FastAPI app, if set: a raw ASGI front that
+    # answers a service's hottest routes itself and hands everything else to the app.
+    front: Callable[[ASGIApp], ASGIApp] | None = None
 
     def spawn(self, coro: Awaitable[Any], name: str) -> None:
         self.tasks.append(asyncio.ensure_future(coro))
@@ -60,6 +63,30 @@ def setup_logging(level: str, service: str) -> None:
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
+class RequestMetrics:
+    """``nixboot_http_requests_total`` and ``nixboot_http_request_seconds`` for one answered
+    request, by route pattern, method and status. Shared by ``HttpMetrics`` and any raw ASGI
+    front a service puts before its app (the cache's hot path), so both count alike."""
+
+    def __init__(self) -> None:
+        # prometheus_client's labels() costs ~2 µs per call: keep the children per label set.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def record(self, route: str, method: str, status: int, started: float) -> None:
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:  # bounded: routes x methods x statuses
+            m = method if method in METHODS else "other"
+            children = (
+                metrics.HTTP_REQUESTS.labels(route, m, str(status)),
+                metrics.HTTP_SECONDS.labels(route),
+            )
+            if m == method:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
+
+
 class HttpMetrics:
     """Pure ASGI middleware counting requests by route pattern, method and status (bounded
     labels: the router's pattern, never the path). Pure ASGI rather than BaseHTTPMiddleware:
@@ -69,8 +96,7 @@ class HttpMetrics:
         self.app = app
         self.routes = routes  # the application's routes, for plain Starlette routes
         self._by_endpoint: dict[Any, str] = {}
-        # prometheus_client's labels() costs ~2 µs per call: keep the children per label set.
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.recorder = RequestMetrics()
 
     def pattern(self, scope: Scope) -> str:
         path = getattr(scope.get("route"), "path", None)  # set by FastAPI's routes
@@ -102,20 +128,7 @@ class HttpMetrics:
             await self.app(scope, receive, send_status)
         finally:
             # The router stores the match in the (shared) scope.
-            route = self.pattern(scope)
-            method = scope.get("method", "")
-            key = (route, method, status)
-            children = self._children.get(key)
-            if children is None:  # bounded: routes x methods x statuses
-                m = method if method in METHODS else "other"
-                children = (
-                    metrics.HTTP_REQUESTS.labels(route, m, str(status)),
-                    metrics.HTTP_SECONDS.labels(route),
-                )
-                if m == method:
-                    self._children[key] = children
-            children[0].inc()
-            children[1].observe(time.perf_counter() - started)
+            self.recorder.record(self.pattern(scope), scope.get("method", ""), status, started)
 
 
 def base_app(name: str, nc: Client | None) -> FastAPI:
@@ -159,7 +172,7 @@ MAX_CONNECTIONS = 16384
 
 
 def _http_server(
-    app: FastAPI, listen: HttpListen, sock: socket.socket | None = None
+    app: ASGIApp, listen: HttpListen, sock: socket.socket | None = None
 ) -> tuple[Awaitable[Any], Callable[[], None]]:
     """The HTTP server coroutine and its stop function. granian runs embedded in this event
     loop (its Rust side does the socket work, and file responses go out by ``pathsend``).
@@ -239,7 +252,9 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> No
         if replay_bus is not None:
             await replay_bus.close()
         raise
-    serve, stop_server = _http_server(app, listen, sock)
+    serve, stop_server = _http_server(
+        ctx.front(app) if ctx.front is not None else app, listen, sock
+    )
     # Everything made so far (modules, the app, routes, clients) lives as long as the service:
     # out of the collector's sight. A full collection otherwise walked it all and stopped every
     # thread for 33-73 ms several times per storm (measured in the cache, bench/storm N = 50),

@@ -60,6 +60,7 @@ CACHE_INFO = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: 30\n"
 _DRV_RE = re.compile(r"^[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]+\.drv$")
 LOG_DIR = Path("/nix/var/log/nix/drvs")
 WARM_DURABLE = "nixboot-cache-warm"
+PATH_MEMO_SECONDS = 1.0
 
 
 def warm_durable(cfg: Config) -> str:
@@ -174,6 +175,7 @@ class CacheService:
         self.chains = chain.ChainRequests()
         self._narinfo_memo: dict[tuple[PathInfo, str, int], str] = {}
         self._known: dict[str, str] = {}  # nar hash -> store path, for every narinfo we answered
+        self._paths: dict[str, tuple[PathInfo, float]] = {}  # hash part -> (path, held until)
         metrics.CACHE_BYTES.set_function(lambda: self.nars.total_bytes)
         metrics.MAX_BYTES.set(cfg.cache.max_bytes)
 
@@ -199,9 +201,23 @@ class CacheService:
         return keep
 
     async def lookup(self, hash_part: str) -> PathInfo | None:
-        """The path with this hash part: from the local store, or the upstream (verified)."""
+        """The path with this hash part: from the local store, or the upstream (verified).
+        A path found in the local store is held for ``PATH_MEMO_SECONDS``: a classroom asks for
+        the same paths within that time, and the two sqlite queries were the largest part of a
+        narinfo answer. A valid path's row never changes; one garbage-collected meanwhile is
+        answered as it would have been a moment earlier. Misses are never held (a path built
+        just now is found at once)."""
         if self.upstream is None:
-            return self.store.by_hash(hash_part)
+            now = time.monotonic()
+            hit = self._paths.get(hash_part)
+            if hit is not None and hit[1] > now:
+                return hit[0]
+            info = self.store.by_hash(hash_part)
+            if info is not None:
+                if len(self._paths) >= 50_000:
+                    self._paths.clear()
+                self._paths[hash_part] = (info, now + PATH_MEMO_SECONDS)
+            return info
         ni = await self.upstream.narinfo(hash_part)
         return None if ni is None else path_info(ni)
 
@@ -446,38 +462,172 @@ def _regular_file_stat(path: str | os.PathLike[str]) -> os.stat_result | None:
     return st if stat.S_ISREG(st.st_mode) else None
 
 
+_REQUESTS: dict[tuple[str, str], Any] = {}
+
+
+def _count(kind: str, result: str) -> None:
+    """``nixboot_cache_requests_total{kind,result}`` + 1, with the labelled child kept (a
+    ``labels()`` call costs ~2 µs; kinds and results are a fixed set)."""
+    child = _REQUESTS.get((kind, result))
+    if child is None:
+        child = _REQUESTS[(kind, result)] = metrics.REQUESTS.labels(kind, result)
+    child.inc()
+
+
+_NAR_BYTES: dict[str, Any] = {}
+
+
+def _count_nar(state: str, size: int) -> None:
+    child = _NAR_BYTES.get(state)
+    if child is None:
+        child = _NAR_BYTES[state] = (
+            metrics.NAR_SERVED.labels(state),
+            metrics.NAR_BYTES.labels(state),
+        )
+    child[0].inc()
+    child[1].inc(size)
+
+
 def _bad(kind: str, msg: str, status: int = 400) -> Response:
-    metrics.REQUESTS.labels(kind, str(status)).inc()
+    _count(kind, str(status))
     return PlainTextResponse(msg + "\n", status_code=status)
+
+
+# -- the binary-cache and boot-file answers ------------------------------------------------------
+# Plain functions of the request's parts, shared by the FastAPI routes (which keep them in the
+# OpenAPI schema) and by nixboot_cache.hotpath, the raw ASGI front that answers them during a
+# storm without FastAPI's routing and middleware stack.
+
+
+def answer_cache_info() -> Response:
+    return Response(CACHE_INFO, media_type="text/x-nix-cache-info")
+
+
+async def answer_narinfo(svc: CacheService, hash_part: str) -> Response:
+    if not nix32.is_store_hash(hash_part):
+        return _bad("narinfo", f"malformed store hash {hash_part!r}")
+    try:
+        info = await svc.lookup(hash_part)
+    except UpstreamError as e:  # unreachable, or a narinfo it did not sign: never served
+        log.warning("narinfo %s: %s", hash_part, e)
+        return _bad("narinfo", f"upstream: {e}", 502)
+    if info is None:
+        return _bad("narinfo", "no such path", 404)
+    svc._known[info.nar_hash32] = info.path
+    meta = svc.nars.meta(info.nar_hash32)
+    if meta is None and svc.nars.inflight(info.nar_hash32) is None and not svc.nars.disk_full():
+        # Cold: answer now (FileHash is optional) and start compressing (or downloading
+        # from the upstream), since the NAR request usually follows.
+        try:
+            svc.start_nar(info)
+        except OSError as e:  # the cache directory is full: the NAR is served direct
+            svc.nars.note_disk_error(e)
+    _count("narinfo", "200")
+    return Response(svc.narinfo(info, meta), media_type="text/x-nix-narinfo")
+
+
+def answer_nar(svc: CacheService, name: str, method: str) -> Response:
+    h = name.removesuffix(".nar.zst")
+    if not name.endswith(".nar.zst") or not nix32.is_sha256(h):
+        return _bad("nar", f"malformed NAR name {name!r}")
+    found = svc.nars.meta_stat(h)
+    if found is not None and stat.S_ISREG(found[1].st_mode):
+        meta, st = found
+        svc.nars.touch(h)
+        _count("nar", "200")
+        if method == "GET":
+            _count_nar("warm", meta.file_size)
+        return FileResponse(
+            svc.nars.nar_path(h), media_type="application/x-nix-nar", stat_result=st
+        )
+    job = svc.nars.inflight(h)
+    if job is None:
+        info = svc.path_for_nar(h)
+        if info is None:
+            return _bad("nar", "no such NAR", 404)
+        try:
+            job = None if svc.nars.disk_full() else svc.start_nar(info)
+        except OSError as e:  # not even an empty temporary file fits
+            svc.nars.note_disk_error(e)
+        if job is None:
+            _count("nar", "200")
+            if method == "HEAD":
+                return Response(media_type="application/x-nix-nar")
+            metrics.NAR_SERVED.labels("direct").inc()
+            return StreamingResponse(
+                stream_direct(info.path),
+                media_type="application/x-nix-nar",
+            )
+    _count("nar", "200")
+    if method == "HEAD":
+        return Response(media_type="application/x-nix-nar")
+    metrics.NAR_SERVED.labels("streamed").inc()
+    fd = open_inflight(job)
+    streamed = metrics.NAR_BYTES.labels("streamed")
+
+    async def body() -> object:
+        async for chunk in stream_inflight(job, fd):
+            streamed.inc(len(chunk))
+            yield chunk
+
+    return StreamingResponse(body(), media_type="application/x-nix-nar")  # type: ignore[arg-type]
+
+
+async def answer_boot_file(
+    svc: CacheService,
+    toplevel_hash: str,
+    which: str,
+    *,
+    method: str,
+    ranged: bool,
+    client: str,
+) -> Response:
+    if not nix32.is_store_hash(toplevel_hash) or which not in ("kernel", "initrd"):
+        return _bad("boot", "expected /boot/<toplevel hash>/kernel or initrd")
+    gen = svc.gens.by_toplevel_hash(toplevel_hash)
+    if gen is None:
+        return _bad("boot", "no such generation", 404)
+    wanted = gen.kernel if which == "kernel" else gen.initrd
+    if svc.boot_files is not None:
+        try:
+            real = str(await svc.boot_files.get(toplevel_hash, which, wanted))
+        except (UpstreamError, NarMismatch, narextract.BadNar) as e:
+            log.warning("boot file %s of %s: %s", which, toplevel_hash, e)
+            return _bad("boot", f"upstream: {e}", 502)
+        except LookupError as e:
+            return _bad("boot", f"boot file not in the upstream: {e}", 404)
+    else:
+        real = os.path.realpath(wanted)
+        if not real.startswith(STORE_DIR + "/"):
+            return _bad("boot", "boot file missing from the store", 404)
+    st = _regular_file_stat(real)
+    if st is None:
+        return _bad("boot", "boot file missing from the store", 404)
+    _count("boot", "200")
+    task = None
+    if method == "GET" and not ranged:
+        # Whole-file downloads become BootFileRequested events (per-stage timing); the task
+        # runs once the response has been handed to the server.
+        task = BackgroundTask(
+            svc.report_boot_file,
+            client=client,
+            file=f"boot/{toplevel_hash}/{which}",
+            kind=which,
+            size=st.st_size,
+            started=time.monotonic(),
+        )
+    return FileResponse(
+        real, media_type="application/octet-stream", background=task, stat_result=st
+    )
 
 
 def add_routes(app: FastAPI, svc: CacheService) -> None:
     @app.api_route("/nix-cache-info", methods=["GET", "HEAD"])
     async def cache_info() -> Response:
-        return Response(CACHE_INFO, media_type="text/x-nix-cache-info")
+        return answer_cache_info()
 
     async def get_narinfo(request: Request) -> Response:
-        hash_part = request.path_params["hash_part"]
-        if not nix32.is_store_hash(hash_part):
-            return _bad("narinfo", f"malformed store hash {hash_part!r}")
-        try:
-            info = await svc.lookup(hash_part)
-        except UpstreamError as e:  # unreachable, or a narinfo it did not sign: never served
-            log.warning("narinfo %s: %s", hash_part, e)
-            return _bad("narinfo", f"upstream: {e}", 502)
-        if info is None:
-            return _bad("narinfo", "no such path", 404)
-        svc._known[info.nar_hash32] = info.path
-        meta = svc.nars.meta(info.nar_hash32)
-        if meta is None and svc.nars.inflight(info.nar_hash32) is None and not svc.nars.disk_full():
-            # Cold: answer now (FileHash is optional) and start compressing (or downloading
-            # from the upstream), since the NAR request usually follows.
-            try:
-                svc.start_nar(info)
-            except OSError as e:  # the cache directory is full: the NAR is served direct
-                svc.nars.note_disk_error(e)
-        metrics.REQUESTS.labels("narinfo", "200").inc()
-        return Response(svc.narinfo(info, meta), media_type="text/x-nix-narinfo")
+        return await answer_narinfo(svc, request.path_params["hash_part"])
 
     # A plain Starlette route: the hottest request (one per closure path per machine) skips
     # FastAPI's parameter validation layer.
@@ -485,50 +635,7 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
 
     @app.api_route("/nar/{name}", methods=["GET", "HEAD"])
     async def get_nar(name: str, request: Request) -> Response:
-        h = name.removesuffix(".nar.zst")
-        if not name.endswith(".nar.zst") or not nix32.is_sha256(h):
-            return _bad("nar", f"malformed NAR name {name!r}")
-        meta = svc.nars.meta(h)
-        st = _regular_file_stat(svc.nars.nar_file(h)) if meta is not None else None
-        if meta is not None and st is not None:
-            svc.nars.touch(h)
-            metrics.REQUESTS.labels("nar", "200").inc()
-            if request.method == "GET":
-                metrics.NAR_SERVED.labels("warm").inc()
-                metrics.NAR_BYTES.labels("warm").inc(meta.file_size)
-            return FileResponse(
-                svc.nars.nar_file(h), media_type="application/x-nix-nar", stat_result=st
-            )
-        job = svc.nars.inflight(h)
-        if job is None:
-            info = svc.path_for_nar(h)
-            if info is None:
-                return _bad("nar", "no such NAR", 404)
-            try:
-                job = None if svc.nars.disk_full() else svc.start_nar(info)
-            except OSError as e:  # not even an empty temporary file fits
-                svc.nars.note_disk_error(e)
-            if job is None:
-                metrics.REQUESTS.labels("nar", "200").inc()
-                if request.method == "HEAD":
-                    return Response(media_type="application/x-nix-nar")
-                metrics.NAR_SERVED.labels("direct").inc()
-                return StreamingResponse(
-                    stream_direct(info.path),
-                    media_type="application/x-nix-nar",
-                )
-        metrics.REQUESTS.labels("nar", "200").inc()
-        if request.method == "HEAD":
-            return Response(media_type="application/x-nix-nar")
-        metrics.NAR_SERVED.labels("streamed").inc()
-        fd = open_inflight(job)
-
-        async def body() -> object:
-            async for chunk in stream_inflight(job, fd):
-                metrics.NAR_BYTES.labels("streamed").inc(len(chunk))
-                yield chunk
-
-        return StreamingResponse(body(), media_type="application/x-nix-nar")  # type: ignore[arg-type]
+        return answer_nar(svc, name, request.method)
 
     @app.api_route("/log/{drv}", methods=["GET", "HEAD"])
     async def get_log(drv: str) -> Response:
@@ -548,42 +655,13 @@ def add_routes(app: FastAPI, svc: CacheService) -> None:
     # -- boot files ------------------------------------------------------------------------------
     @app.api_route("/boot/{toplevel_hash}/{which}", methods=["GET", "HEAD"])
     async def boot_file(toplevel_hash: str, which: str, request: Request) -> Response:
-        if not nix32.is_store_hash(toplevel_hash) or which not in ("kernel", "initrd"):
-            return _bad("boot", "expected /boot/<toplevel hash>/kernel or initrd")
-        gen = svc.gens.by_toplevel_hash(toplevel_hash)
-        if gen is None:
-            return _bad("boot", "no such generation", 404)
-        wanted = gen.kernel if which == "kernel" else gen.initrd
-        if svc.boot_files is not None:
-            try:
-                real = str(await svc.boot_files.get(toplevel_hash, which, wanted))
-            except (UpstreamError, NarMismatch, narextract.BadNar) as e:
-                log.warning("boot file %s of %s: %s", which, toplevel_hash, e)
-                return _bad("boot", f"upstream: {e}", 502)
-            except LookupError as e:
-                return _bad("boot", f"boot file not in the upstream: {e}", 404)
-        else:
-            real = os.path.realpath(wanted)
-            if not real.startswith(STORE_DIR + "/"):
-                return _bad("boot", "boot file missing from the store", 404)
-        st = _regular_file_stat(real)
-        if st is None:
-            return _bad("boot", "boot file missing from the store", 404)
-        metrics.REQUESTS.labels("boot", "200").inc()
-        task = None
-        if request.method == "GET" and "range" not in request.headers:
-            # Whole-file downloads become BootFileRequested events (per-stage timing); the task
-            # runs once the response has been handed to the server.
-            task = BackgroundTask(
-                svc.report_boot_file,
-                client=request.client.host if request.client else "",
-                file=f"boot/{toplevel_hash}/{which}",
-                kind=which,
-                size=st.st_size,
-                started=time.monotonic(),
-            )
-        return FileResponse(
-            real, media_type="application/octet-stream", background=task, stat_result=st
+        return await answer_boot_file(
+            svc,
+            toplevel_hash,
+            which,
+            method=request.method,
+            ranged="range" in request.headers,
+            client=request.client.host if request.client else "",
         )
 
     @app.api_route("/boot.ipxe", methods=["GET", "HEAD"])
@@ -712,6 +790,9 @@ def main(cfg: Config) -> int:
 
         svc.publish_event = publish
         add_routes(app, svc)
+        from nixboot_cache.hotpath import HotPath  # it builds on this module
+
+        ctx.front = lambda inner: HotPath(inner, svc)
         kv = ctx.kv[subjects.KV_GENERATIONS]
         svc.leases = ctx.kv[subjects.KV_LEASES]
         svc.kv_generations = kv
