@@ -64,7 +64,8 @@ async def test_hook_call_taken_by_a_dying_dhcp_hook_is_not_lost(
             "DNSMASQ_VENDOR_CLASS": "PXEClient:Arch:00000:UNDI:002001",
             "PATH": os.environ["PATH"],
         }
-        subprocess.run([*stack.hook_argv(), "add", mac, storm.ip_of(mac)], env=env, check=True)
+        hook = stack.hook_argv(python=True)  # the datagram path (the sh hook only spools)
+        subprocess.run([*hook, "add", mac, storm.ip_of(mac)], env=env, check=True)
     finally:
         stack.kill("dhcp-hook")
     stack.start_service("dhcp-hook")

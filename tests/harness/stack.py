@@ -266,12 +266,16 @@ class Stack:
 
     # -- helpers the benchmark and the tests share
 
-    def hook_argv(self) -> list[str]:
-        """The real hook as a DHCP server runs it (deploy/dhcp/nixboot-dhcp-hook.sh's command)."""
+    def hook_argv(self, python: bool = False) -> list[str]:
+        """The real hook as a DHCP server runs it: the default sh hook
+        (deploy/dhcp/nixboot-dhcp-hook.sh), or the Python one (nixboot-dhcp-hook-python.sh's
+        command: spool file, then a datagram)."""
+        state = ["--state-dir", str(self.state)]
+        if not python:
+            return ["/bin/sh", str(REPO / "deploy" / "dhcp" / "nixboot-dhcp-hook.sh"), *state]
         import nixboot_dhcp_hook.hook as hook
 
-        python = hook_interpreter()
-        return [python, "-S", "-I", hook.__file__ or "", "--state-dir", str(self.state)]
+        return [hook_interpreter(), "-S", "-I", hook.__file__ or "", *state]
 
     def public_key(self) -> str:
         return (self.state / "cache-key.pub").read_text().strip()
@@ -284,7 +288,7 @@ class Stack:
 
 
 def hook_interpreter() -> str:
-    """The interpreter binary the deployed hook wrapper names (deploy/dhcp/nixboot-dhcp-hook.sh:
+    """The interpreter binary the Python hook's wrapper names (nixboot-dhcp-hook-python.sh:
     @PYTHON@ = /usr/bin/python3). Never a bare `python3` from PATH: on a pyenv host that is a bash
     shim running `pyenv exec`, ~100 ms per lease instead of ~10 ms (measured), which no DHCP server
     would run and which loaded the storm with work the classic stack never does."""
