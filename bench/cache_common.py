@@ -120,6 +120,18 @@ def wrk(url: str, seconds: int = 5, conns: int = 16) -> tuple[float, str, str, s
     return rps, p50, p99, xfer
 
 
+def signing_key(work: Path, env: dict[str, str]) -> Path:
+    """The benchmarks' cache signing key (``work/sk``, public half ``work/pk``), made once."""
+    key = work / "sk"
+    if not key.exists():
+        subprocess.run(
+            ["nix-store", "--generate-binary-cache-key", "bench-1", str(key), str(work / "pk")],
+            env=env,
+            check=True,
+        )
+    return key
+
+
 def nix_copy_file_cache(path: str, dest: Path, key: Path, env: dict[str, str]) -> float:
     shutil.rmtree(dest, ignore_errors=True)
     t = time.monotonic()

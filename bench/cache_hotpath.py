@@ -29,6 +29,7 @@ from cache_common import (
     nix_copy_file_cache,
     nix_env,
     path_info,
+    signing_key,
     synthetic_closure,
     wait_http,
 )
@@ -103,13 +104,7 @@ def main() -> None:
     top = synthetic_closure(work / f"syn-{args.paths}-{args.mib}", args.paths, args.mib)
     info = path_info(top, env)
     hashes = [p["path"].removeprefix("/nix/store/")[:32] for p in info]
-    key = work / "sk"
-    if not key.exists():
-        subprocess.run(
-            ["nix-store", "--generate-binary-cache-key", "bench-1", str(key), str(work / "pk")],
-            env=env,
-            check=True,
-        )
+    key = signing_key(work, env)
     nix_copy_file_cache(top, work / "filecache", key, env)
     smallest = min(info, key=lambda p: p["narSize"])["path"].removeprefix("/nix/store/")[:32]
 

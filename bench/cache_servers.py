@@ -24,6 +24,7 @@ from cache_common import (
     nix_copy_file_cache,
     nix_env,
     path_info,
+    signing_key,
     substitute,
     synthetic_closure,
     wait_http,
@@ -59,13 +60,7 @@ def main() -> None:
     top = synthetic_closure(work / f"syn-{args.paths}-{args.mib}", args.paths, args.mib)
     n, size = closure_stats(top, env)
     print(f"closure: {n} paths, {size / 2**20:.0f} MiB NAR")
-    key = work / "sk"
-    if not key.exists():
-        subprocess.run(
-            ["nix-store", "--generate-binary-cache-key", "bench-1", str(key), str(work / "pk")],
-            env=env,
-            check=True,
-        )
+    key = signing_key(work, env)
     nix_copy_file_cache(top, work / "filecache", key, env)
     info = path_info(top, env)
     biggest = max(info, key=lambda p: p["narSize"])["path"]

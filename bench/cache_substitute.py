@@ -21,6 +21,7 @@ from cache_common import (
     closure_stats,
     nix_copy_file_cache,
     nix_env,
+    signing_key,
     substitute,
     synthetic_closure,
     wrk,
@@ -40,13 +41,7 @@ def main() -> None:
     top = synthetic_closure(work / f"syn-{args.paths}-{args.mib}", args.paths, args.mib)
     n, size = closure_stats(top, env)
     print(f"closure: {n} paths, {size / 2**20:.0f} MiB NAR ({top})")
-    key = work / "sk"
-    if not key.exists():
-        subprocess.run(
-            ["nix-store", "--generate-binary-cache-key", "bench-1", str(key), str(work / "pk")],
-            env=env,
-            check=True,
-        )
+    key = signing_key(work, env)
     copy_s = nix_copy_file_cache(top, work / "filecache", key, env)
     nats = Nats(work)
     state = Path(tempfile.mkdtemp(dir=work, prefix="state-"))
