@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nixboot_dhcp_hook import hook, parse
-from nixboot_dhcp_hook.service import REJECTED_DIR
+from nixboot_dhcp_hook.service import REJECTED_DIR, REJECTED_KEEP
 from tests.conftest import tool
 from tests.dhcp_hook.conftest import DEPLOY, Bus, HookService, random_mac, run_hook, wait_for
 
@@ -176,3 +176,22 @@ async def test_malformed_spool_files_are_moved_aside_counted_and_logged(
     other = random_mac()
     assert run_hook(hook_sh, ["add", other, "10.9.7.8"])[0] == 0
     assert len(await bus_reader.lease_events(other, 1)) == 1
+
+
+async def test_rejected_files_are_capped_to_the_newest(hook_service: HookService) -> None:
+    """Junk written into the spool, again and again, never fills the disk: rejected/ keeps the
+    last REJECTED_KEEP files moved aside, every one still counted."""
+    spool = hook_service.spool
+    rejected = spool / REJECTED_DIR
+    before = hook_service.metric("nixboot_dhcp_spool_rejected_total")
+    extra = 5
+    names = [f"junk-{i:03d}.lease" for i in range(REJECTED_KEEP + extra)]
+    for name in names:
+        (spool / name).write_bytes(b"not a hook call")
+    wait_for(
+        lambda: hook_service.metric("nixboot_dhcp_spool_rejected_total") == before + len(names),
+        20,
+        "every junk file rejected",
+    )
+    kept = {p.name for p in rejected.iterdir()}
+    assert len(kept) == REJECTED_KEEP

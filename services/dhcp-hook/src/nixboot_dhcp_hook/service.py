@@ -41,6 +41,8 @@ MAX_CONCURRENT = 64  # lease payloads in flight (distinct MACs proceed in parall
 INCOMPLETE_GRACE_SECONDS = 30.0
 MAX_SPOOL_FILE_BYTES = 1 << 20  # far above any DHCP server's call: larger is not from a hook
 REJECTED_DIR = "rejected"  # inside the spool: malformed files, kept for a human to read
+# The newest rejected files kept: enough to read what went wrong, never a full disk.
+REJECTED_KEEP = 100
 MAX_REMEMBERED = 100_000  # MAC keys whose last write this instance remembers
 
 LEASE_CHANGES = Counter("nixboot_dhcp_lease_changes", "Lease changes recorded", ["source", "kind"])
@@ -72,6 +74,19 @@ LEASE_TO_EVENT = Histogram(
     "From the hook call (or HTTP request) to the event stored in JetStream",
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5, 30, 300),
 )
+
+
+def _trim_oldest(directory: Path, keep: int) -> None:
+    """Delete all but the ``keep`` files moved into ``directory`` last (rejects are rare: listing
+    it each time is cheap)."""
+    aged: list[tuple[float, Path]] = []
+    for f in directory.iterdir():
+        with contextlib.suppress(OSError):
+            aged.append((f.stat().st_ctime, f))  # ctime: when it was moved aside
+    aged.sort()
+    for _, f in aged[: max(0, len(aged) - keep)]:
+        with contextlib.suppress(OSError):
+            f.unlink()
 
 
 class LeasePayload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -436,6 +451,7 @@ class DhcpHookService:
             aside.parent.mkdir(mode=0o770, exist_ok=True)
             os.replace(path, aside)
             where = f"moved to {aside}"
+            _trim_oldest(aside.parent, REJECTED_KEEP)
         except FileNotFoundError:
             where = "gone"
         except OSError as e:
