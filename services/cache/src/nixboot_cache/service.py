@@ -53,6 +53,7 @@ from nixboot_shared import bus, events, menu, pins, security, subjects
 from nixboot_shared.config import Config
 from nixboot_shared.records import Generation, Lease, MachineGenerations
 from nixboot_shared.service import ServiceContext, run
+from nixboot_shared.view import KvMirror
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,9 @@ class CacheService:
             )
         else:
             self.warmer = Warmer(self.store, self.nars, self._publish, parallel=cores)
-        self.leases: KeyValue | None = None
+        # The lease map, mirrored by a watch: naming the machine behind an HTTP request (every
+        # kernel, initrd and boot.ipxe) is a dict lookup, never a NATS round trip.
+        self.lease_map: KvMirror[bytes] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self.chains = chain.ChainRequests()
         self._narinfo_memo: dict[tuple[PathInfo, str, int], str] = {}
@@ -354,7 +357,7 @@ class CacheService:
     async def report_boot_file(
         self, *, client: str, file: str, kind: str, size: int, started: float
     ) -> None:
-        mac = await self.mac_of_ip(client)
+        mac = self.mac_of_ip(client)
         await self._publish(
             events.BootFileRequested(
                 mac=mac,
@@ -402,7 +405,7 @@ class CacheService:
         deadline = time.monotonic() + chain.ATTRIBUTE_SECONDS
         try:
             while True:
-                mac = await self.mac_of_fresh_lease(ip, at)
+                mac = self.mac_of_fresh_lease(ip, at)
                 if mac is not None:
                     return mac, "lease"
                 remaining = deadline - time.monotonic()
@@ -419,26 +422,24 @@ class CacheService:
             if waiter is not None:
                 self.chains.forget(ip, waiter)
 
-    async def mac_of_fresh_lease(self, ip: str, at: float) -> str | None:
+    def mac_of_fresh_lease(self, ip: str, at: float) -> str | None:
         """The MAC whose lease of ``ip`` in the lease map is the requester's at ``at``."""
-        mac = await self.mac_of_ip(ip)
-        if mac is None or self.leases is None:
+        mac = self.mac_of_ip(ip)
+        raw = self.lease_map.get(subjects.mac_token(mac)) if mac and self.lease_map else None
+        if mac is None or raw is None:
             return None
         try:
-            entry = await self.leases.get(subjects.mac_token(mac))
-            lease = msgspec.json.decode(entry.value or b"", type=Lease)
-        except Exception:  # gone meanwhile, undecodable, or NATS away: not this one
+            lease = msgspec.json.decode(raw, type=Lease)
+        except msgspec.DecodeError:  # not this one (the hook's records are checked on write)
             return None
         return mac if chain.lease_names_requester(lease, ip, at) else None
 
-    async def mac_of_ip(self, ip: str) -> str | None:
+    def mac_of_ip(self, ip: str) -> str | None:
         """The MAC that last leased ``ip`` (the DHCP hook's index in the leases bucket)."""
-        if self.leases is None or not ip:
-            return None
+        raw = self.lease_map.get(subjects.ip_key(ip)) if self.lease_map and ip else None
         try:
-            entry = await self.leases.get(subjects.ip_key(ip))
-            return subjects.normalize_mac(entry.value.decode()) if entry.value else None
-        except Exception:  # no lease known for this address, or NATS away: report without MAC
+            return subjects.normalize_mac(raw.decode()) if raw else None
+        except (UnicodeDecodeError, subjects.InvalidMac):  # a bad index entry: report without
             return None
 
 
@@ -794,7 +795,8 @@ def main(cfg: Config) -> int:
 
         ctx.front = lambda inner: HotPath(inner, svc)
         kv = ctx.kv[subjects.KV_GENERATIONS]
-        svc.leases = ctx.kv[subjects.KV_LEASES]
+        svc.lease_map = KvMirror(ctx.kv[subjects.KV_LEASES], bytes)
+        ctx.spawn(svc.lease_map.run(), "leases-watch")
         svc.kv_generations = kv
         ctx.spawn(_watch_generations(svc, kv), "generations-watch")
 
