@@ -114,19 +114,39 @@ class Stack:
         self.nats.stop()
 
 
+class LeaseArrivals:
+    """When each MAC's first LeaseSeen reached a subscriber: (arrival time, the event's ts)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.seen: dict[str, tuple[float, float]] = {}
+        self.done = asyncio.Event()
+        self.nc: nats.aio.client.Client | None = None
+
+    async def start(self, nats_url: str) -> None:
+        self.nc = await nats.connect(nats_url)
+
+        async def on_msg(msg: nats.aio.msg.Msg) -> None:
+            ev = events.decode(msg.data)
+            assert isinstance(ev, events.LeaseSeen) and ev.mac is not None
+            self.seen.setdefault(ev.mac, (time.time(), ev.ts))
+            if len(self.seen) >= self.count:
+                self.done.set()
+
+        await self.nc.subscribe("nixboot.evt.lease.>", cb=on_msg)
+
+    async def finish(self, timeout: float = 30) -> int:
+        """Wait for all of them (at most ``timeout``); how many never came."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.done.wait(), timeout)
+        assert self.nc is not None
+        await self.nc.close()
+        return self.count - len(self.seen)
+
+
 async def lease_to_event(stack: Stack, rate: float, count: int) -> tuple[list[float], int]:
-    nc = await nats.connect(stack.nats_url)
-    seen: dict[str, float] = {}
-    done = asyncio.Event()
-
-    async def on_msg(msg: nats.aio.msg.Msg) -> None:
-        ev = events.decode(msg.data)
-        assert isinstance(ev, events.LeaseSeen) and ev.mac is not None
-        seen.setdefault(ev.mac, (time.time() - ev.ts) * 1000)
-        if len(seen) >= count:
-            done.set()
-
-    await nc.subscribe("nixboot.evt.lease.>", cb=on_msg)
+    arrivals = LeaseArrivals(count)
+    await arrivals.start(stack.nats_url)
     sock_path = str(stack.state / "dhcp-hook.sock")
     start = time.perf_counter()
     for i in range(count):
@@ -142,10 +162,8 @@ async def lease_to_event(stack: Stack, rate: float, count: int) -> tuple[list[fl
             b"DNSMASQ_TIME_REMAINING": b"3600",
         }
         hook.send(hook.capture(["add", mac, f"10.2.{i >> 8 & 255}.{i & 255}"], env, now), sock_path)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(done.wait(), 30)
-    await nc.close()
-    return list(seen.values()), count - len(seen)
+    lost = await arrivals.finish()
+    return [(got - ts) * 1000 for got, ts in arrivals.seen.values()], lost
 
 
 # The caller of the sh hook, in its own process (as the DHCP server is): in a thread of this one,
@@ -178,18 +196,8 @@ async def command_lease_to_event(
 ) -> tuple[list[float], int]:
     """A real hook command, one call at a time (dnsmasq serialises its script); latency from just
     before the call starts to the event at a subscriber."""
-    nc = await nats.connect(stack.nats_url)
-    seen: dict[str, float] = {}
-    done = asyncio.Event()
-
-    async def on_msg(msg: nats.aio.msg.Msg) -> None:
-        ev = events.decode(msg.data)
-        assert isinstance(ev, events.LeaseSeen) and ev.mac is not None
-        seen.setdefault(ev.mac, time.time())
-        if len(seen) >= count:
-            done.set()
-
-    await nc.subscribe("nixboot.evt.lease.>", cb=on_msg)
+    arrivals = LeaseArrivals(count)
+    await arrivals.start(stack.nats_url)
     caller = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -202,10 +210,8 @@ async def command_lease_to_event(
     )
     stdout, _ = await caller.communicate()
     started = {mac: float(t) for mac, t in (line.split() for line in stdout.decode().splitlines())}
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(done.wait(), 30)
-    await nc.close()
-    return [(seen[m] - started[m]) * 1000 for m in seen], count - len(seen)
+    lost = await arrivals.finish()
+    return [(got - started[m]) * 1000 for m, (got, _) in arrivals.seen.items()], lost
 
 
 def install_hook(template: str, dest: Path, state: Path) -> Path:
