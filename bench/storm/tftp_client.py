@@ -55,6 +55,7 @@ class _Transfer(asyncio.DatagramProtocol):
         if opcode == ERROR:
             msg = data[4:].split(b"\0", 1)[0].decode(errors="replace")
             self.done.set_exception(TftpError(f"error {struct.unpack('!H', data[2:4])[0]}: {msg}"))
+            self.progress.set()
         elif opcode == OACK:
             opts = data[2:].split(b"\0")
             negotiated = dict(zip(opts[0::2], opts[1::2], strict=False))
@@ -104,15 +105,18 @@ async def fetch(
         lambda: _Transfer(blksize if options else 512, 1), local_addr=("127.0.0.1", 0)
     )
     retransmits = 0
+    silent = 0  # timeouts in a row: like firmware, give up on silence, not on a lossy link
     try:
         proto.send(rrq, (host, port))
         while not proto.done.done():
             proto.progress.clear()
             try:
-                await asyncio.wait_for(asyncio.shield(proto.progress.wait()), timeout)
+                await asyncio.wait_for(proto.progress.wait(), timeout)
+                silent = 0
             except TimeoutError:
                 retransmits += 1
-                if retransmits > retries:
+                silent += 1
+                if silent > retries:
                     raise TftpError(f"timeout fetching {filename}") from None
                 proto.send(proto.last_sent, proto.server or (host, port))
         await proto.done

@@ -150,8 +150,10 @@ async def test_anonymous_and_wrong_clients_are_refused_by_the_server(secured: Se
     text = str(refused.value).lower()
     if secured.mode == "tls":
         # No client certificate: with TLS 1.3 the server's refusal arrives either as the
-        # certificate-required alert or as the connection closed right after the handshake.
-        assert "certificate" in text or "connection lost" in text or "reset" in text, text
+        # certificate-required alert or as the connection closed right after the handshake
+        # (seen as a reset, a lost connection or a broken pipe, depending on who moves first).
+        closed = isinstance(refused.value, (ssl.SSLError, ConnectionError))
+        assert closed or "certificate" in text or "connection lost" in text, text
     else:
         assert "authorization" in text, text
     # Our connect path with the right settings gets in.
