@@ -6,7 +6,9 @@ Runs inside the TFTP loop, so it answers only from the local view (memory) and n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 from nixboot_shared import pins, security, subjects
 from nixboot_shared.menu import BootParams, MenuSpec, ordered_entries, render_pxelinux
-from nixboot_shared.records import MachineGenerations
+from nixboot_shared.records import Machine, MachineGenerations
 from nixboot_tftp import metrics
 from nixboot_tftp.files import NotFound, memory_file, open_regular
 from nixboot_tftp.names import (
@@ -53,6 +55,25 @@ class MenuInfo:
     once: int | None = None  # the one-shot pin this menu made default
 
 
+# What each boot gets anew, left as slots in a prepared menu (NUL appears in no menu text).
+_BOOT_ID_SLOT = "\0boot-id\0"
+_TOKEN_SLOT = "\0token\0"
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A menu rendered ahead, and the view's records it was rendered from."""
+
+    made_from: tuple[MachineGenerations | None, Machine | None, str]
+    text: str
+    info: MenuInfo
+
+    def made_from_same(self, now: tuple[MachineGenerations | None, Machine | None, str]) -> bool:
+        # By identity: the view replaces a record whole whenever it changes.
+        gens, machine, key = self.made_from
+        return gens is now[0] and machine is now[1] and key == now[2]
+
+
 @dataclass
 class MenuSettings:
     cache_url: str
@@ -75,6 +96,9 @@ class TftpContent:
         self.recent: OrderedDict[tuple[str, str], tuple[float, bytes, str | None, MenuInfo]] = (
             OrderedDict()
         )
+        # (mac, http) -> its menu rendered ahead (insertion-ordered: the oldest go first)
+        self.prepared: dict[tuple[str | None, bool], _Prepared] = {}
+        self._prepared_lock = threading.Lock()
 
     def __call__(self, name: str, client_ip: str) -> Source | None:
         if name.startswith(MENU_DIR + "/"):
@@ -137,21 +161,50 @@ class TftpContent:
         return None
 
     def render(self, mac: str | None, *, http: bool) -> tuple[str, MenuInfo]:
-        """The pxelinux config for ``mac`` (None: an unknown machine), newest generation first."""
-        s = self.settings
+        """The pxelinux config for ``mac`` (None: an unknown machine), newest generation first:
+        the machine's prepared menu with a new boot id and its token filled in."""
+        gens, fallback, machine = self._sources(mac)
+        made_from = (gens, machine, self.settings.public_key)
+        prepared = self.prepared.get((mac, http))
+        if prepared is None or not prepared.made_from_same(made_from):
+            prepared = self._prepare(mac, http, gens, fallback, machine)
+        boot_id = security.new_boot_id()
+        token = security.boot_token(self.settings.secret, boot_id)
+        text = prepared.text.replace(_BOOT_ID_SLOT, boot_id).replace(_TOKEN_SLOT, token)
+        return text, dataclasses.replace(prepared.info, boot_id=boot_id)
+
+    def prepare(self, mac: str) -> None:
+        """Render ``mac``'s menus ahead of its request (called when its lease arrives, off the
+        TFTP thread), so the request only fills in the boot id: what the machine's state
+        changes later is still seen, the request then renders afresh."""
+        gens, fallback, machine = self._sources(mac)
+        for http in (True, False):
+            self._prepare(mac, http, gens, fallback, machine)
+
+    def _sources(self, mac: str | None) -> tuple[MachineGenerations | None, bool, Machine | None]:
         own = self.view.generations_for(mac) if mac else None
-        gens: MachineGenerations | None = own if own is not None and own.generations else None
+        gens = own if own is not None and own.generations else None
         fallback = gens is None
         if fallback:
             gens = self.view.fallback
-        boot_id = security.new_boot_id()
+        machine = self.view.machines.get(mac) if mac else None
+        return gens, fallback, machine
+
+    def _prepare(
+        self,
+        mac: str | None,
+        http: bool,
+        gens: MachineGenerations | None,
+        fallback: bool,
+        machine: Machine | None,
+    ) -> _Prepared:
+        s = self.settings
         params = BootParams(
             cache_url=s.cache_url,
             public_key=s.public_key,
-            boot_id=boot_id,
-            boot_token=security.boot_token(s.secret, boot_id),
+            boot_id=_BOOT_ID_SLOT,
+            boot_token=_TOKEN_SLOT,
         )
-        machine = self.view.machines.get(mac) if mac else None
         title = f"{s.title}: {machine.name}" if machine else s.title
         spec = MenuSpec(
             mac=subjects.mac_token(mac) if mac else "unknown",
@@ -161,17 +214,20 @@ class TftpContent:
             timeout_seconds=s.timeout_seconds,
         )
         file_base = s.cache_url.rstrip("/") + "/" if http else ""
-        text = render_pxelinux(spec, file_base)
         ordered, default = ordered_entries(spec)
-        once = None if fallback else pins.once_made_default(gens)
         info = MenuInfo(
-            boot_id=boot_id,
+            boot_id="",
             default_generation=default.number if default else None,
             generations=[g.number for g in ordered],
             fallback=fallback,
-            once=once,
+            once=None if fallback else pins.once_made_default(gens),
         )
-        return text, info
+        prepared = _Prepared((gens, machine, s.public_key), render_pxelinux(spec, file_base), info)
+        with self._prepared_lock:  # the TFTP thread and the asyncio thread both add
+            self.prepared[(mac, http)] = prepared
+            while len(self.prepared) > 2 * _MAX_CLIENTS_REMEMBERED:
+                del self.prepared[next(iter(self.prepared))]
+        return prepared
 
     # -- kernels and initrds --------------------------------------------------------------------
     def boot_file(self, name: str) -> Source:

@@ -23,6 +23,7 @@ from nixboot_shared import metrics as shared_metrics
 from nixboot_shared.config import Config
 from nixboot_shared.records import Lease
 from nixboot_shared.service import ServiceContext, run
+from nixboot_shared.subjects import normalize_mac
 from nixboot_tftp import metrics
 from nixboot_tftp.bootprograms import prepare_root
 from nixboot_tftp.content import MenuInfo, MenuSettings, TftpContent
@@ -160,6 +161,16 @@ async def setup(ctx: ServiceContext, app: FastAPI) -> None:
     except TimeoutError:
         log.warning("initial KV load incomplete after %.0fs; serving anyway", INITIAL_LOAD_SECONDS)
 
+    content = TftpContent(
+        view,
+        MenuSettings(
+            cache_url=cfg.cache.public_url,
+            secret=secret,
+            public_key=read_public_key(state),
+            timeout_seconds=cfg.menu_timeout_seconds,
+        ),
+    )
+
     async def on_lease(msg: Msg) -> None:
         # Leases also arrive as events: the view learns them even before the KV record exists.
         try:
@@ -170,19 +181,11 @@ async def setup(ctx: ServiceContext, app: FastAPI) -> None:
             return
         if isinstance(ev, events.LeaseSeen) and ev.mac and ev.lease_kind in ("new", "renew"):
             view.set_lease(Lease(mac=ev.mac, ip=ev.ip, hostname=ev.hostname, arch=ev.arch))
+            content.prepare(normalize_mac(ev.mac))  # its menu request follows within ~100 ms
 
     await ctx.nc.subscribe(f"{subjects.PREFIX}.evt.lease.>", cb=on_lease)
 
     root = prepare_root(state, cfg.tftp.boot_programs_dir)
-    content = TftpContent(
-        view,
-        MenuSettings(
-            cache_url=cfg.cache.public_url,
-            secret=secret,
-            public_key=read_public_key(state),
-            timeout_seconds=cfg.menu_timeout_seconds,
-        ),
-    )
     reporter = TransferReporter(
         asyncio.get_running_loop(), view, ctx.kv.get(subjects.KV_GENERATIONS)
     )
