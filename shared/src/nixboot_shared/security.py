@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import random
 import secrets
 from pathlib import Path
 
@@ -26,8 +27,16 @@ def read_or_create_secret(path: Path) -> str:
     return value
 
 
+# Boot ids need to be unique, not secret: the token is what a forger cannot make, and both travel
+# in the clear in the menu anyway. os.urandom (secrets) releases the GIL around its syscall,
+# so a menu render on the TFTP thread could wait up to a switch interval (5 ms) to get it back
+# from the asyncio thread; a generator seeded from it once draws under the GIL.
+_boot_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _boot_ids.seed(os.urandom(32)))
+
+
 def new_boot_id() -> str:
-    return secrets.token_hex(8)
+    return f"{_boot_ids.getrandbits(64):016x}"
 
 
 def boot_token(secret: str, boot_id: str) -> str:
