@@ -195,3 +195,45 @@ async def test_rejected_files_are_capped_to_the_newest(hook_service: HookService
     )
     kept = {p.name for p in rejected.iterdir()}
     assert len(kept) == REJECTED_KEEP
+
+
+def test_a_full_disk_loses_the_call_loudly_and_never_passes_a_partial_file(tmp_path: Path) -> None:
+    """The spool on a tmpfs with one free page, and a call longer than that: the hook says the
+    lease change is lost and still exits 0 (a failed hook must not fail the lease); the partial
+    file has no end marker, so the service never records it (and moves it aside once old, as
+    tested above). With space again, the next call goes through whole.
+
+    The tmpfs lives in a private mount namespace held by a `sleep`; this test reaches it through
+    /proc/<pid>/root, so the host's mounts are never touched."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    holder = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs -o size=8k,mode=0770 nixboot-test {spool} && echo up && exec sleep 600"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "up\n"
+        tiny = Path(f"/proc/{holder.pid}/root") / spool.relative_to("/")
+        (tiny / "filler").write_bytes(b"x" * 4096)  # of two pages, one left
+        env = {"PATH": os.environ["PATH"], "DNSMASQ_SUPPLIED_HOSTNAME": "y" * 6000}
+        argv = ["add", "52:54:00:aa:bb:dd", "10.0.0.10"]
+        p = subprocess.run(
+            ["/bin/sh", str(SH_HOOK), "--spool-dir", str(tiny), *argv],
+            env=env, capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert "lease change lost: cannot write" in p.stderr, p.stderr
+        [partial] = list(tiny.glob("*.lease"))
+        assert 0 < partial.stat().st_size < 6000
+        with pytest.raises(parse.IncompleteHookFile):
+            parse.decode_sh_payload(partial.read_bytes(), 0.0, hook.ENV_PREFIXES)
+        # Space again (the admin cleaned up; the service moved the partial file aside).
+        (tiny / "filler").unlink()
+        partial.unlink()
+        written = run_sh_hook(["/bin/sh"], tiny, argv, env)
+        call = parse.decode_sh_payload(written.read_bytes(), 0.0, hook.ENV_PREFIXES)
+        assert call.argv == argv and call.env["DNSMASQ_SUPPLIED_HOSTNAME"] == "y" * 6000
+    finally:
+        holder.kill()
+        holder.wait(10)
