@@ -8,22 +8,38 @@ import hmac
 import os
 import random
 import secrets
+import tempfile
 from pathlib import Path
 
 
 def read_or_create_secret(path: Path) -> str:
-    """Read a secret from ``path``; create it (0600) with 32 random bytes when missing."""
+    """Read a secret from ``path``; create it (0600) with 32 random bytes when missing.
+
+    Services start together and share some of these files (the API token): the file appears
+    whole (written aside, then linked into place), and a service that loses the race to create
+    it reads the winner's. Never an empty file, never two different secrets."""
     try:
         value = path.read_text().strip()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_hex(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(value + "\n")
-        return value
+        value = _create_secret(path)
     if not value:
         raise ValueError(f"secret file {path} is empty")
+    return value
+
+
+def _create_secret(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_hex(32)
+    fd, aside = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+        try:
+            os.link(aside, path)  # unlike rename, never replaces a secret another process made
+        except FileExistsError:
+            return path.read_text().strip()
+    finally:
+        os.unlink(aside)
     return value
 
 
