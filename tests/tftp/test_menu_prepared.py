@@ -10,6 +10,7 @@ import re
 
 from nixboot_shared import security
 from nixboot_shared.records import Generation, Machine, MachineGenerations
+from nixboot_tftp import content as content_module
 from nixboot_tftp.content import MenuSettings, TftpContent
 from nixboot_tftp.view import LocalView
 
@@ -85,3 +86,21 @@ def test_what_changes_after_the_lease_is_in_the_menu() -> None:
     assert "DEFAULT gen-1" in menu_of(content, "10.0.0.11")
     view.consumed_once[MAC] = 1
     assert "DEFAULT gen-2" in menu_of(content, "10.0.0.12")
+
+
+def test_requests_for_unknown_macs_keep_nothing_and_leases_are_capped() -> None:
+    """Anyone on the boot network can ask for menus of made-up MACs: those renders (the
+    fallback menu) are not kept. Leases prepare menus, but only up to a cap."""
+    _, content = setup()
+    content.prepared.clear()
+    for i in range(300):
+        source = content(f"pxelinux.cfg/01-02-00-00-00-{i >> 8:02x}-{i & 255:02x}", "10.0.0.9")
+        assert source is not None
+        source.file.close()
+    assert content.prepared == {}
+    cap = content_module._MAX_PREPARED
+    for i in range(cap // 2 + 10):
+        content.prepare(f"02:00:00:01:{i >> 8 & 255:02x}:{i & 255:02x}")
+    assert len(content.prepared) == cap
+    content.prepare(MAC)  # the newest lease's menus are kept, the oldest went
+    assert (MAC, True) in content.prepared and (MAC, False) in content.prepared

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 HTTP_CAPABLE = frozenset({"lpxelinux.0"})
 TFTP_ONLY = frozenset({"pxelinux.0"})
 _MAX_CLIENTS_REMEMBERED = 50_000
+# Menus rendered ahead, two per machine: a few MB for a large site. Leases are capped by it, and
+# requests naming unknown MACs (anyone on the boot network can send them) keep nothing.
+_MAX_PREPARED = 10_000
 # pxelinux reads its menu file twice in one boot: ldlinux.c32 fetches it, then menu.c32 (the
 # config's UI) fetches it again ~0.1 s later. A menu that spends a one-shot pin is answered again,
 # unchanged, to the same client within this window: otherwise the first transfer spends the pin
@@ -167,7 +170,7 @@ class TftpContent:
         made_from = (gens, machine, self.settings.public_key)
         prepared = self.prepared.get((mac, http))
         if prepared is None or not prepared.made_from_same(made_from):
-            prepared = self._prepare(mac, http, gens, fallback, machine)
+            prepared = self._prepare(mac, http, gens, fallback, machine, keep=not fallback)
         boot_id = security.new_boot_id()
         token = security.boot_token(self.settings.secret, boot_id)
         text = prepared.text.replace(_BOOT_ID_SLOT, boot_id).replace(_TOKEN_SLOT, token)
@@ -179,7 +182,7 @@ class TftpContent:
         changes later is still seen, the request then renders afresh."""
         gens, fallback, machine = self._sources(mac)
         for http in (True, False):
-            self._prepare(mac, http, gens, fallback, machine)
+            self._prepare(mac, http, gens, fallback, machine, keep=True)
 
     def _sources(self, mac: str | None) -> tuple[MachineGenerations | None, bool, Machine | None]:
         own = self.view.generations_for(mac) if mac else None
@@ -197,6 +200,8 @@ class TftpContent:
         gens: MachineGenerations | None,
         fallback: bool,
         machine: Machine | None,
+        *,
+        keep: bool,
     ) -> _Prepared:
         s = self.settings
         params = BootParams(
@@ -223,10 +228,11 @@ class TftpContent:
             once=None if fallback else pins.once_made_default(gens),
         )
         prepared = _Prepared((gens, machine, s.public_key), render_pxelinux(spec, file_base), info)
-        with self._prepared_lock:  # the TFTP thread and the asyncio thread both add
-            self.prepared[(mac, http)] = prepared
-            while len(self.prepared) > 2 * _MAX_CLIENTS_REMEMBERED:
-                del self.prepared[next(iter(self.prepared))]
+        if keep:
+            with self._prepared_lock:  # the TFTP thread and the asyncio thread both add
+                self.prepared[(mac, http)] = prepared
+                while len(self.prepared) > _MAX_PREPARED:
+                    del self.prepared[next(iter(self.prepared))]
         return prepared
 
     # -- kernels and initrds --------------------------------------------------------------------
