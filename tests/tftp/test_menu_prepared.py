@@ -9,26 +9,15 @@ from __future__ import annotations
 import re
 
 from nixboot_shared import security
-from nixboot_shared.records import Generation, Machine, MachineGenerations
+from nixboot_shared.records import Machine, MachineGenerations
 from nixboot_tftp import content as content_module
 from nixboot_tftp.content import MenuSettings, TftpContent
 from nixboot_tftp.view import LocalView
+from tests.tftp.tftp_helpers import gen
 
 MAC = "52:54:00:aa:bb:09"
 NAME = "pxelinux.cfg/01-52-54-00-aa-bb-09"
 SECRET = "s" * 32
-
-
-def gen(n: int) -> Generation:
-    h = f"{n:032d}"
-    return Generation(
-        number=n,
-        toplevel=f"/nix/store/{h}-nixos-system-demo-{n}",
-        kernel=f"/nix/store/{h}-linux/bzImage",
-        initrd=f"/nix/store/{h}-initrd/initrd",
-        kernel_params="console=ttyS0",
-        init=f"/nix/store/{h}-nixos-system-demo-{n}/init",
-    )
 
 
 def menu_of(content: TftpContent, ip: str = "10.0.0.9") -> str:

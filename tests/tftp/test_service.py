@@ -23,11 +23,11 @@ import pytest
 from nats.js.kv import KeyValue
 
 from nixboot_shared import bus, events, security, subjects
-from nixboot_shared.records import Generation, Lease, Machine, MachineGenerations
+from nixboot_shared.records import Lease, Machine, MachineGenerations
 from nixboot_tftp.bootprograms import DEBIAN_BOOT_PROGRAMS
 from nixboot_tftp.content import REREAD_SECONDS
 from tests.conftest import NatsServer, free_port, wait_port
-from tests.tftp.tftp_helpers import atftp, curl, raw_get, tftp_hpa
+from tests.tftp.tftp_helpers import atftp, curl, gen, raw_get, tftp_hpa
 
 MAC = "52:54:00:aa:bb:01"
 TOKEN = "52-54-00-aa-bb-01"
@@ -89,19 +89,6 @@ async def kv(nats_server: NatsServer) -> AsyncIterator[dict[str, KeyValue]]:
     buckets = await bus.bootstrap(nc.jetstream())
     yield buckets
     await nc.drain()
-
-
-def gen(n: int, created: float = 0.0) -> Generation:
-    h = f"{n:032d}"
-    return Generation(
-        number=n,
-        toplevel=f"/nix/store/{h}-nixos-system-demo-{n}",
-        kernel=f"/nix/store/{h}-linux/bzImage",
-        initrd=f"/nix/store/{h}-initrd/initrd",
-        kernel_params="console=ttyS0",
-        init=f"/nix/store/{h}-nixos-system-demo-{n}/init",
-        created=created or 1_700_000_000 + n * 3600,
-    )
 
 
 async def put_gens(kv: dict[str, KeyValue], mac: str, rec: MachineGenerations) -> None:

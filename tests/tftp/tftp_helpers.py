@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nixboot_shared.records import Generation
 from nixboot_tftp.server import SafeTftpServer, Transfer
 
 
@@ -212,3 +213,16 @@ class LossyRelay:
         for s in [self.main, *self.upstream.values(), *self.mirrors.values()]:
             s.close()
         self.sel.close()
+
+
+def gen(n: int, created: float = 0.0) -> Generation:
+    h = f"{n:032d}"
+    return Generation(
+        number=n,
+        toplevel=f"/nix/store/{h}-nixos-system-demo-{n}",
+        kernel=f"/nix/store/{h}-linux/bzImage",
+        initrd=f"/nix/store/{h}-initrd/initrd",
+        kernel_params="console=ttyS0",
+        init=f"/nix/store/{h}-nixos-system-demo-{n}/init",
+        created=created or 1_700_000_000 + n * 3600,
+    )
