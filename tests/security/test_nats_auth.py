@@ -253,7 +253,13 @@ def test_a_server_certificate_from_another_ca_is_refused(tmp_path: Path) -> None
         no_cert["NIXBOOT_NATS__TLS_CA_FILE"] = str(pki_dir / "ca.pem")
         out = run_cli(["events", "--since", "1m"], base_env(tmp_path / "cli", no_cert))
         assert out.returncode != 0 and "cannot use NATS" in out.stderr, out.stderr
-        assert "certificate required" in out.stderr.lower(), out.stderr
+        assert out.stdout == "", out.stdout
+        # With TLS 1.3 the server checks the client certificate after the handshake: the client
+        # sees either the certificate-required alert (a refusal: the CLI stops at once) or the
+        # connection closed under it (a reset or broken pipe, which bus.connect retries as it
+        # would a restarting server, until the CLI gives up on the connect timeout).
+        wording = r"certificate required|reset|broken pipe|connection lost|no connection within"
+        assert re.search(wording, out.stderr, re.I), out.stderr
     finally:
         s.server.stop()
 
