@@ -17,14 +17,14 @@ import nats
 
 from nixboot_shared import bus
 from nixboot_shared.config import NatsConfig
+from tests.harness import stack as harness
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port below the ephemeral range (see tests/harness/stack.py): nodes restart on it."""
+    return harness.free_port()
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

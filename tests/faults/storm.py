@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import httpx
 import msgspec
 import nats
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from nixboot_shared import events, records, subjects
@@ -214,9 +215,13 @@ def _decodes(data: bytes) -> bool:
     return True
 
 
-async def read_stream(nats_url: str, since: float, *, raw: bool = False) -> list[tuple[str, bytes]]:
-    """The stream's messages since ``since``. Undecodable ones (the bad-input tests put some
-    there on purpose) are left out unless ``raw``."""
+async def read_stream(
+    nats_url: str, since: float, *, raw: bool = False, timeout: float = 30.0
+) -> list[tuple[str, bytes]]:
+    """The stream's messages since ``since``, up to its last one when called: all of them or an
+    error (a pause in delivery on a loaded machine must not pass for the stream's end).
+    Undecodable ones (the bad-input tests put some there on purpose) are left out unless
+    ``raw``."""
     nc = await connect(nats_url)
     out: list[tuple[str, bytes]] = []
     try:
@@ -231,19 +236,41 @@ async def read_stream(nats_url: str, since: float, *, raw: bool = False) -> list
                 opt_start_time=datetime.fromtimestamp(since - 1, UTC).isoformat(),
             ),
         )
-        while True:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while seen < last:
             try:
-                msg = await sub.next_msg(timeout=2.0)
+                msg = await sub.next_msg(timeout=0.5)
             except nats.errors.TimeoutError:
-                break
+                if await _nothing_since(sub, last):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"events stream: read up to sequence {seen} of {last} in {timeout} s"
+                    ) from None
+                continue
+            seen = msg.metadata.sequence.stream
             if raw or _decodes(msg.data):
                 out.append((msg.subject, msg.data))
-            if msg.metadata.sequence.stream >= last:
-                break
         await sub.unsubscribe()
     finally:
         await nc.close()
     return out
+
+
+async def _nothing_since(sub: JetStreamContext.PushSubscription, last: int) -> bool:
+    """True when no message up to ``last`` is after the consumer's start time: the server
+    has nothing pending and never delivered one (its delivered stream sequence starts just
+    below the first message it would deliver). Otherwise the message at ``last``, the newest,
+    is one to deliver, and reading goes on until it arrives."""
+    info = await sub.consumer_info()
+    delivered = info.delivered
+    return (
+        info.num_pending == 0
+        and delivered is not None
+        and delivered.consumer_seq == 0
+        and delivered.stream_seq >= last
+    )
 
 
 async def check_events(

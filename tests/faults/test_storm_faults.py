@@ -188,15 +188,21 @@ async def test_builder_killed_mid_build(stack: FaultStack, storms: Storms) -> No
     gens = await wait_generations(stack.nats_url, stack.machines, 30, number=2)
     if len(gens) != len(stack.machines):
         o.problems.append(f"generation 2 on {len(gens)} of {len(stack.machines)} machines")
-    await asyncio.sleep(1.0)  # the builder publishes GenerationCreated after the KV write
-    stream = [events.decode(data) for _, data in await storm.read_stream(stack.nats_url, since)]
-    # (Generation 1's events of the session's first build may still trail in.)
-    created = Counter(
-        (e.mac, e.number)
-        for e in stream
-        if isinstance(e, events.GenerationCreated) and e.number > 1
-    )
-    if set(created.values()) != {1} or set(created) != {(m, 2) for m in stack.machines}:
+    # The builder publishes GenerationCreated after the KV write: wait for every machine's.
+    wanted = {(m, 2) for m in stack.machines}
+    deadline = time.monotonic() + 30
+    while True:
+        stream = [events.decode(d) for _, d in await storm.read_stream(stack.nats_url, since)]
+        # (Generation 1's events of the session's first build may still trail in.)
+        created = Counter(
+            (e.mac, e.number)
+            for e in stream
+            if isinstance(e, events.GenerationCreated) and e.number > 1
+        )
+        if wanted <= set(created) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    if set(created.values()) != {1} or set(created) != wanted:
         numbers = Counter(n for _, n in created)
         o.problems.append(f"GenerationCreated: numbers {dict(numbers)}, {created.most_common(2)}")
     check(o, stack)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,10 +31,56 @@ SERVICES = ("dhcp-hook", "tftp", "builder", "cache")
 NIX_ENV_CONFIG = "substituters =\nexperimental-features = nix-command flakes"
 
 
+def _port_range() -> tuple[int, int]:
+    """Where free_port looks: below the kernel's ephemeral range. A port from that range (what
+    binding port 0 gives) may meanwhile become some client socket's local port, and a service
+    restarted on it mid-test (the fault tests restart them) fails with EADDRINUSE."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        ephemeral_low = int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    high = min(32000, ephemeral_low - 1)
+    low = 20000 if high - 20000 >= 2000 else max(1024, high - 8000)
+    return low, high
+
+
+_handed_out: set[int] = set()  # never the same port twice to one test session
+_pick = random.Random(os.urandom(8))  # separate sessions on one machine pick different ports
+
+
+def _bindable(port: int) -> bool:
+    """Nobody holds ``port`` on loopback, for TCP or UDP (a service may use either, and this
+    bind without SO_REUSEADDR also refuses a port with connections still in TIME_WAIT)."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free for TCP and UDP, outside the kernel's ephemeral range (so no
+    client's socket takes it before or between the runs of the service it is for). ``kind``
+    is kept for the callers that name one: the port is free for both."""
+    del kind
+    low, high = _port_range()
+    if high > low:
+        for _ in range(200):
+            port = _pick.randint(low, high)
+            if port not in _handed_out and _bindable(port):
+                _handed_out.add(port)
+                return port
+    # A machine whose ephemeral range starts very low: what the kernel hands out.
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

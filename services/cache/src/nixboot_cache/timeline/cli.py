@@ -39,6 +39,10 @@ SERVER_HELP = (
 )
 
 
+# How long a command waits for NATS before giving up with an error.
+CONNECT_TIMEOUT = 10.0
+
+
 def _server(explicit: str | None) -> tuple[str, config.NatsConfig]:
     """The URL and the authentication/TLS settings: the configuration's (with no ``nats.url``,
     the embedded server of ``nixboot up`` and its generated password); ``--server`` replaces
@@ -56,9 +60,15 @@ def _run(server: str | None, work: Callable[[Client], Awaitable[T]]) -> T:
         shown = bus.redact(url)
         try:
             nc = await asyncio.wait_for(
-                bus.connect(url, "nixboot-cli", settings=settings), timeout=10
+                bus.connect(url, "nixboot-cli", settings=settings), timeout=CONNECT_TIMEOUT
             )
-        except (TimeoutError, OSError, bus.NatsRefused) as e:
+        except TimeoutError:
+            # bus.connect retries what may be transient (a reset, a server still starting) and
+            # logs each try; a TimeoutError itself has no text, so say what happened.
+            raise typer.BadParameter(
+                f"cannot use NATS at {shown}: no connection within {CONNECT_TIMEOUT:g} s"
+            ) from None
+        except (OSError, bus.NatsRefused) as e:
             raise typer.BadParameter(f"cannot use NATS at {shown}: {e}") from None
         try:
             return await work(nc)
