@@ -88,7 +88,7 @@ async def connect(
         if not first.done() and _is_refusal(e):
             first.set_exception(NatsRefused(f"NATS at {shown} refused the connection: {e}"))
             return
-        log.warning("nats: %s", e)
+        log.warning("nats: %s", e or type(e).__name__)  # a timeout has no text of its own
 
     async def on_disconnect() -> None:
         if first.done():
