@@ -20,6 +20,7 @@ from nixboot_shared.records import Generation, MachineGenerations
 from tests.cache.cache_helpers import CacheServer, NixFixture, start_cache, stop_cache
 
 MAC = "52:54:00:12:34:56"
+SENTINEL = "52:54:00:12:34:57"  # a second machine whose menu shows the watch caught up
 
 
 def generation(closure_top: str, kernel: str, initrd: str, number: int) -> Generation:
@@ -206,7 +207,15 @@ async def test_ipxe_menu_spends_the_one_shot_pin_it_makes_default(
         rec = msgspec.json.decode(entry.value, type=MachineGenerations)
         rec.next_boot = 1
         await kv.put(subjects.mac_token(MAC), msgspec.json.encode(rec))
-        await asyncio.sleep(1.0)  # the watch delivers within milliseconds
+        # Rendering MAC's menu to see the pin arrive would spend it. The watch applies the
+        # bucket's entries in stream order: once a record put after the pin shows in another
+        # machine's menu, the pin is in the cache's view.
+        g1 = nixfx.gen1
+        sentinel = MachineGenerations(
+            mac=SENTINEL, generations=[generation(g1.toplevel, g1.kernel, g1.initrd, 1)]
+        )
+        await kv.put(subjects.mac_token(SENTINEL), msgspec.json.encode(sentinel))
+        await _unknown_menu(http, "gen-1", timeout=20.0, mac=SENTINEL)
         r = await http.head(f"/ipxe/{MAC}")
         assert r.status_code == 200
         assert await next_boot() == 1  # HEAD served no menu: nothing spent
