@@ -240,9 +240,11 @@ async def test_cold_nar_two_clients_and_truncation(
             assert zstandard.ZstdDecompressor().decompressobj().decompress(resp.content) == dump
         # Truncate the file in the cache directory: detected, rebuilt, never served short.
         f = cache_server.state / "cache" / cold.url
-        await wait_for(
-            lambda: (cache_server.state / "cache" / "meta").glob("*.json") and f.exists()
+        # Its sidecar (renamed in after the NAR) holds the size the truncation is checked against.
+        sidecar = (
+            cache_server.state / "cache" / "meta" / (f.name.removesuffix(".nar.zst") + ".json")
         )
+        await wait_for(lambda: f.exists() and sidecar.exists())
         good = f.read_bytes()
         f.write_bytes(good[: len(good) // 3])
         r = await http.get("/" + cold.url)
