@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,8 +35,26 @@ def executor() -> ThreadPoolExecutor:
     ex.shutdown()
 
 
-async def test_stream_while_compressing(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
-    info = make_path(tmp_path / "src", "big", 48 << 20, 1)
+async def test_stream_while_compressing(
+    tmp_path: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = make_path(tmp_path / "src", "big", 8 << 20, 1)
+    # The compressor's source stops halfway until the reader has its first bytes: compression
+    # cannot finish first however the threads are scheduled. If nothing reaches the reader
+    # before the end (a compressor that publishes only complete files), the gate gives up after
+    # 30 s and the assert below fails.
+    first_chunk_seen = threading.Event()
+    real_dump = nar.dump
+
+    def gated_dump(path: str) -> Iterator[bytes]:
+        sent = 0
+        for chunk in real_dump(path):
+            if sent >= 4 << 20:  # zstd has written blocks of the first 4 MiB by now
+                first_chunk_seen.wait(30)
+            sent += len(chunk)
+            yield chunk
+
+    monkeypatch.setattr(nar, "dump", gated_dump)
     cache = NarCache(tmp_path / "cache", executor, 1 << 40)
     job = cache.start(info)
     assert cache.start(info) is job  # joined, not restarted
@@ -44,6 +64,7 @@ async def test_stream_while_compressing(tmp_path: Path, executor: ThreadPoolExec
     async for chunk in stream_inflight(job, fd):
         if done_at_first_chunk is None:
             done_at_first_chunk = job.done
+            first_chunk_seen.set()
         chunks.append(chunk)
     assert done_at_first_chunk is False  # the first bytes left before compression finished
     body = b"".join(chunks)
@@ -52,7 +73,7 @@ async def test_stream_while_compressing(tmp_path: Path, executor: ThreadPoolExec
     assert len(body) == meta.file_size
     assert meta.file_hash == "sha256:" + nix32.encode(hashlib.sha256(body).digest())
     out = zstandard.ZstdDecompressor().decompressobj().decompress(body)
-    assert out == b"".join(nar.dump(info.path))
+    assert out == b"".join(real_dump(info.path))
     assert cache.meta(info.nar_hash32) == meta
     assert not list((tmp_path / "cache" / "tmp").iterdir())
 
