@@ -39,20 +39,24 @@ async def test_stream_while_compressing(
     tmp_path: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     info = make_path(tmp_path / "src", "big", 8 << 20, 1)
-    # The compressor's source stops halfway until the reader has its first bytes: compression
-    # cannot finish first however the threads are scheduled. If nothing reaches the reader
-    # before the end (a compressor that publishes only complete files), the gate gives up after
-    # 30 s and the assert below fails.
+    # The compressor's source stops halfway until the reader has its first bytes: the reader
+    # then sees them while the compressor provably has half the NAR still to read, however the
+    # threads are scheduled. A compressor that writes only complete files makes the gate give
+    # up after 30 s; the reader's first bytes then come after the whole source was read, and the
+    # assert below fails. (``job.done`` is no witness: it is set in a later loop callback.)
     first_chunk_seen = threading.Event()
+    source_read = threading.Event()
     real_dump = nar.dump
 
     def gated_dump(path: str) -> Iterator[bytes]:
         sent = 0
         for chunk in real_dump(path):
-            if sent >= 4 << 20:  # zstd has written blocks of the first 4 MiB by now
-                first_chunk_seen.wait(30)
+            if sent >= 4 << 20 and not first_chunk_seen.is_set():
+                first_chunk_seen.wait(30)  # zstd has written blocks of the first 4 MiB by now
+                first_chunk_seen.set()  # waited once: give up
             sent += len(chunk)
             yield chunk
+        source_read.set()
 
     monkeypatch.setattr(nar, "dump", gated_dump)
     cache = NarCache(tmp_path / "cache", executor, 1 << 40)
@@ -60,13 +64,13 @@ async def test_stream_while_compressing(
     assert cache.start(info) is job  # joined, not restarted
     fd = open_inflight(job)
     chunks = []
-    done_at_first_chunk = None
+    read_at_first_chunk = None
     async for chunk in stream_inflight(job, fd):
-        if done_at_first_chunk is None:
-            done_at_first_chunk = job.done
+        if read_at_first_chunk is None:
+            read_at_first_chunk = source_read.is_set()
             first_chunk_seen.set()
         chunks.append(chunk)
-    assert done_at_first_chunk is False  # the first bytes left before compression finished
+    assert read_at_first_chunk is False  # the first bytes left before compression finished
     body = b"".join(chunks)
     meta = await job.finished
     assert body == cache.nar_file(info.nar_hash32).read_bytes()
