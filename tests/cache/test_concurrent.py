@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import msgspec
 import nats
 
 from nixboot_cache import narinfo
-from nixboot_shared import bus, events, subjects
+from nixboot_shared import bus, events, menu, subjects
 from nixboot_shared.records import MachineGenerations
 from tests.cache.cache_helpers import CacheServer, NixFixture, start_cache, stop_cache
-from tests.cache.test_service import MAC, generation
+from tests.cache.test_service import MAC, generation, wait_for
 from tests.cache.test_substitute import substitute
 
 
@@ -62,7 +63,10 @@ async def test_eviction_spares_pinned_generation(
         )
         await kv.put(subjects.mac_token(MAC), msgspec.json.encode(mg))
         await nc.drain()
-        await asyncio.sleep(0.3)  # the service's KV watch sees generation 2
+        # The service's KV watch has generation 2 (else it would not be protected): its boot
+        # files are found by toplevel hash only from then on (404 before).
+        kernel = f"{server.url}/boot/{menu.store_hash(g.toplevel)}/kernel"
+        await wait_for(lambda: httpx.head(kernel).status_code == 200)
         await asyncio.to_thread(
             substitute, nixfx, server, tmp_path / "r1", tmp_path / "x1", g.toplevel
         )

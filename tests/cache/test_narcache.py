@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,26 +35,49 @@ def executor() -> ThreadPoolExecutor:
     ex.shutdown()
 
 
-async def test_stream_while_compressing(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
-    info = make_path(tmp_path / "src", "big", 48 << 20, 1)
+async def test_stream_while_compressing(
+    tmp_path: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = make_path(tmp_path / "src", "big", 8 << 20, 1)
+    # The compressor's source stops halfway until the reader has its first bytes: the reader
+    # then sees them while the compressor provably has half the NAR still to read, however the
+    # threads are scheduled. A compressor that writes only complete files makes the gate give
+    # up after 30 s; the reader's first bytes then come after the whole source was read, and the
+    # assert below fails. (``job.done`` is no witness: it is set in a later loop callback.)
+    first_chunk_seen = threading.Event()
+    source_read = threading.Event()
+    real_dump = nar.dump
+
+    def gated_dump(path: str) -> Iterator[bytes]:
+        sent = 0
+        for chunk in real_dump(path):
+            if sent >= 4 << 20 and not first_chunk_seen.is_set():
+                first_chunk_seen.wait(30)  # zstd has written blocks of the first 4 MiB by now
+                first_chunk_seen.set()  # waited once: give up
+            sent += len(chunk)
+            yield chunk
+        source_read.set()
+
+    monkeypatch.setattr(nar, "dump", gated_dump)
     cache = NarCache(tmp_path / "cache", executor, 1 << 40)
     job = cache.start(info)
     assert cache.start(info) is job  # joined, not restarted
     fd = open_inflight(job)
     chunks = []
-    done_at_first_chunk = None
+    read_at_first_chunk = None
     async for chunk in stream_inflight(job, fd):
-        if done_at_first_chunk is None:
-            done_at_first_chunk = job.done
+        if read_at_first_chunk is None:
+            read_at_first_chunk = source_read.is_set()
+            first_chunk_seen.set()
         chunks.append(chunk)
-    assert done_at_first_chunk is False  # the first bytes left before compression finished
+    assert read_at_first_chunk is False  # the first bytes left before compression finished
     body = b"".join(chunks)
     meta = await job.finished
     assert body == cache.nar_file(info.nar_hash32).read_bytes()
     assert len(body) == meta.file_size
     assert meta.file_hash == "sha256:" + nix32.encode(hashlib.sha256(body).digest())
     out = zstandard.ZstdDecompressor().decompressobj().decompress(body)
-    assert out == b"".join(nar.dump(info.path))
+    assert out == b"".join(real_dump(info.path))
     assert cache.meta(info.nar_hash32) == meta
     assert not list((tmp_path / "cache" / "tmp").iterdir())
 

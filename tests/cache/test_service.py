@@ -20,6 +20,7 @@ from nixboot_shared.records import Generation, MachineGenerations
 from tests.cache.cache_helpers import CacheServer, NixFixture, start_cache, stop_cache
 
 MAC = "52:54:00:12:34:56"
+SENTINEL = "52:54:00:12:34:57"  # a second machine whose menu shows the watch caught up
 
 
 def generation(closure_top: str, kernel: str, initrd: str, number: int) -> Generation:
@@ -206,7 +207,15 @@ async def test_ipxe_menu_spends_the_one_shot_pin_it_makes_default(
         rec = msgspec.json.decode(entry.value, type=MachineGenerations)
         rec.next_boot = 1
         await kv.put(subjects.mac_token(MAC), msgspec.json.encode(rec))
-        await asyncio.sleep(1.0)  # the watch delivers within milliseconds
+        # Rendering MAC's menu to see the pin arrive would spend it. The watch applies the
+        # bucket's entries in stream order: once a record put after the pin shows in another
+        # machine's menu, the pin is in the cache's view.
+        g1 = nixfx.gen1
+        sentinel = MachineGenerations(
+            mac=SENTINEL, generations=[generation(g1.toplevel, g1.kernel, g1.initrd, 1)]
+        )
+        await kv.put(subjects.mac_token(SENTINEL), msgspec.json.encode(sentinel))
+        await _unknown_menu(http, "gen-1", timeout=20.0, mac=SENTINEL)
         r = await http.head(f"/ipxe/{MAC}")
         assert r.status_code == 200
         assert await next_boot() == 1  # HEAD served no menu: nothing spent
@@ -231,9 +240,11 @@ async def test_cold_nar_two_clients_and_truncation(
             assert zstandard.ZstdDecompressor().decompressobj().decompress(resp.content) == dump
         # Truncate the file in the cache directory: detected, rebuilt, never served short.
         f = cache_server.state / "cache" / cold.url
-        await wait_for(
-            lambda: (cache_server.state / "cache" / "meta").glob("*.json") and f.exists()
+        # Its sidecar (renamed in after the NAR) holds the size the truncation is checked against.
+        sidecar = (
+            cache_server.state / "cache" / "meta" / (f.name.removesuffix(".nar.zst") + ".json")
         )
+        await wait_for(lambda: f.exists() and sidecar.exists())
         good = f.read_bytes()
         f.write_bytes(good[: len(good) // 3])
         r = await http.get("/" + cold.url)
@@ -347,9 +358,29 @@ async def test_unknown_machine_gets_the_fallback_or_only_the_local_disk(
     await kv.put(subjects.FALLBACK_KEY, msgspec.json.encode(fb))
     await put_generations(nc, nixfx, pinned=1)
     menus, sub = await collect(nc, "menu")
+    served = [0]  # menus the test was served: each publishes one MenuServed (maybe retried)
+
+    async def count(r: httpx.Response) -> None:
+        if r.request.method == "GET" and r.request.url.path.startswith("/ipxe/"):
+            served[0] += r.status_code == 200
+
+    def by(ms: list[events.AnyEvent]) -> list[tuple[object, ...]]:
+        return [(m.mac, m.fallback, m.default_generation, m.generations) for m in ms]  # type: ignore[union-attr]
+
+    async def all_published(*want: tuple[object, ...], since: int = 0) -> None:
+        """Every menu served so far has its event (before the cache stops: no event is lost
+        to the shutdown), and the wanted ones are among those since ``since``."""
+        try:
+            await wait_for(
+                lambda: len(menus) >= served[0] and all(w in by(menus[since:]) for w in want)
+            )
+        except AssertionError:
+            raise AssertionError((served[0], want, by(menus), since)) from None
+
+    hooks = {"response": [count]}
     server = start_cache(tmp_path / "fb", nats_url, extra_env={"NIXBOOT_FALLBACK_ATTR": "demo"})
     try:
-        async with httpx.AsyncClient(base_url=server.url) as http:
+        async with httpx.AsyncClient(base_url=server.url, event_hooks=hooks) as http:
             text = await _unknown_menu(http, "gen-2")
             assert text.index(":gen-2") < text.index(":gen-1") < text.index(":local")
             assert f"nixboot.mac={UNKNOWN}" in text
@@ -359,20 +390,20 @@ async def test_unknown_machine_gets_the_fallback_or_only_the_local_disk(
             # a registered machine keeps its own generations (and its pin)
             r = await http.get(f"/ipxe/{MAC}")
             assert "choose --default gen-1 " in r.text
+            await all_published((UNKNOWN, True, 2, [2, 1]), (MAC, False, 1, [2, 1]))
     finally:
         stop_cache(server)
+    # Polling before the watch has the fallback record also served UNKNOWN the local disk only:
+    # the event of the no-fallback cache is looked for among its own menus' events.
+    first = len(menus)
     server = start_cache(tmp_path / "nofb", nats_url, extra_env={"NIXBOOT_FALLBACK_ATTR": ""})
     try:
-        async with httpx.AsyncClient(base_url=server.url) as http:
+        async with httpx.AsyncClient(base_url=server.url, event_hooks=hooks) as http:
             await _unknown_menu(http, "gen-1", mac=MAC)  # the KV watch has the records
             text = await _unknown_menu(http, "local")
             assert ":gen-" not in text and "item local" in text
+            await all_published((UNKNOWN, True, None, []), since=first)
     finally:
         stop_cache(server)
-    await wait_for(lambda: len(menus) >= 4)
     await sub.unsubscribe()
-    by = [(m.mac, m.fallback, m.default_generation, m.generations) for m in menus]  # type: ignore[union-attr]
-    assert (UNKNOWN, True, 2, [2, 1]) in by, by
-    assert (MAC, False, 1, [2, 1]) in by, by
-    assert (UNKNOWN, True, None, []) in by, by
-    assert all(m.fallback for m in menus if m.mac == UNKNOWN)
+    assert all(m.fallback for m in menus if m.mac == UNKNOWN), by(menus)
