@@ -139,6 +139,49 @@ async def test_lease_file_replay_unknown_to_the_map_opens_no_retransmit_window(
     assert lease is not None and lease.server_ts == expires - 3600 + 1
 
 
+async def test_replay_of_a_known_lease_opens_no_retransmit_window(
+    hook_service: HookService, bus_reader: Bus, tmp_path: Path
+) -> None:
+    """The in-window case of tests/dhcp_hook/test_servers.py's dnsmasq restart test, with fixed
+    server clocks instead of a real restart racing the clock: a client leased (``add``), dnsmasq
+    restarts and replays that lease a second later (``old`` + DATA_MISSING, same expiry: skipped as
+    unchanged), and the client's real renewal one second after the replay (DATA_MISSING too, the
+    expiry moved) is published, not swallowed as a retransmit of the replay."""
+    hook = hook_service.wrapper(tmp_path)
+    mac = random_mac()
+    expires = 4000000000
+    granted = {**PXE_ENV, "DNSMASQ_LEASE_EXPIRES": str(expires), "DNSMASQ_TIME_REMAINING": "3600"}
+    assert run_hook(hook, ["add", mac, "10.9.2.7"], granted)[0] == 0
+    [new] = await bus_reader.lease_events(mac, 1)
+    assert new.server_ts == expires - 3600
+    before = hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq")
+    replay = {"DNSMASQ_DATA_MISSING": "1", "DNSMASQ_LEASE_EXPIRES": str(expires)}
+    replay["DNSMASQ_TIME_REMAINING"] = "3599"  # told one second after the grant
+    assert run_hook(hook, ["old", mac, "10.9.2.7"], replay)[0] == 0
+    wait_for(
+        lambda: (
+            hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq") > before
+        ),
+        30,
+        "the replay skipped as unchanged",
+    )
+    # The renewal: expiry moved, server clock one second after the replay, two after the grant.
+    renewal = {
+        **replay,
+        "DNSMASQ_LEASE_EXPIRES": str(expires + 2),
+        "DNSMASQ_TIME_REMAINING": "3600",
+    }
+    assert run_hook(hook, ["old", mac, "10.9.2.7"], renewal)[0] == 0
+    got = await bus_reader.lease_events(mac, 2)
+    assert [(e.lease_kind, e.server_ts) for e in got] == [
+        ("new", expires - 3600),
+        ("renew", expires - 3598),
+    ], got
+    assert hook_service.metric("nixboot_dhcp_retransmits_total", source="dnsmasq") == 0
+    lease = await bus_reader.lease(mac)
+    assert lease is not None and lease.server_ts == expires - 3598 and lease.from_lease_file
+
+
 @pytest.mark.parametrize("kind", HOOK_KINDS)
 async def test_bad_hook_input_is_counted_logged_and_changes_nothing(
     kind: str, hook_service: HookService, bus_reader: Bus, tmp_path: Path
