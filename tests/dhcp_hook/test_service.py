@@ -4,7 +4,6 @@ service is down, deduplication, ordering, bad input over the hook and over HTTP.
 from __future__ import annotations
 
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ async def test_hook_call_becomes_event_and_lease_map(
 
 
 @pytest.mark.parametrize("kind", HOOK_KINDS)
-async def test_service_down_hook_stays_fast_and_spool_delivers_once(
+async def test_service_down_hook_exits_zero_and_spool_delivers_once(
     kind: str, hook_service: HookService, bus_reader: Bus, tmp_path: Path
 ) -> None:
     hook = hook_service.wrapper(tmp_path, kind)
@@ -57,19 +56,18 @@ async def test_service_down_hook_stays_fast_and_spool_delivers_once(
         ["old", mac, "10.9.1.5", "pcx"],
         ["del", mac, "10.9.1.5", "pcx"],
     ]
-    times = []
     for i, args in enumerate(calls):
         # Distinct server clocks, as dnsmasq gives them (expires - remaining), in the past.
         now = int(time.time())
         env = {"DNSMASQ_LEASE_EXPIRES": str(now - 2 + i + 3600), "DNSMASQ_TIME_REMAINING": "3600"}
         if args[0] == "del":
             env = {"DNSMASQ_LEASE_EXPIRES": str(now + 3600)}  # time left: a release
-        code, seconds, err = run_hook(hook, args, env)
+        # The DHCP server is not held up: the hook spools and exits 0 (run_hook's 10 s subprocess
+        # timeout catches a hook that blocks); how fast it does so is measured by
+        # bench/dhcp_hook_bench.py ("service down (spool)"), not asserted here.
+        code, _, err = run_hook(hook, args, env)
         assert code == 0
         assert "spooled to" in err
-        times.append(seconds)
-    # The DHCP server is not held up (≤ 50 ms is the target; a loaded 2-core CI box gets slack).
-    assert statistics.median(times) < 0.2, times
     spooled = sorted(hook_service.spool.glob("*.lease"))
     assert len(spooled) == 3
     # A copy of one spool file (a re-delivery) must not produce a second event.
@@ -308,8 +306,10 @@ async def test_nats_down_service_spools_and_delivers_after_reconnect(
         hook = svc.wrapper(tmp_path, kind)
         mac = random_mac()
         own_nats.stop()
-        code, seconds, _ = run_hook(hook, ["add", mac, "10.9.6.6"], PXE_ENV)
-        assert code == 0 and seconds < 1.0  # the hook only talks to the service
+        # The hook only talks to the service, so NATS being down does not fail it (its latency
+        # is bench/dhcp_hook_bench.py's "service up" figure, not asserted here).
+        code, _, _ = run_hook(hook, ["add", mac, "10.9.6.6"], PXE_ENV)
+        assert code == 0
         # The hook spools before it sends (a crash of the service must not lose the call); the
         # service keeps that copy once NATS refuses it.
         assert list(svc.spool.glob("*.lease"))
