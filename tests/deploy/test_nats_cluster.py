@@ -23,7 +23,10 @@ from nixboot_shared import bus, events, records, subjects
 
 from .natsproc import NatsNode, cluster_nodes, wait_jetstream
 
-pytestmark = pytest.mark.timeout(120)
+# A ceiling for a hung cluster, not an expected duration (about 15 s each here): the waits below
+# add up to about 370 s at worst (cluster start 90, publishing 60, read-back 30, leader elections
+# 3 x 20, catch-up 2 x 30, restart and teardown), so a slow but healthy run is not cut short.
+pytestmark = pytest.mark.timeout(400)
 
 T = TypeVar("T")
 

@@ -4,7 +4,6 @@ each arrive as the right event; the lease map answers IP -> MAC; PXE answers fit
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from nixboot_dhcp_hook.service import RETRANSMIT_SECONDS
 from nixboot_shared import events, subjects
 from tests.conftest import tool
 from tests.dhcp_hook.conftest import (
@@ -231,7 +229,6 @@ async def test_dnsmasq_restart_replay_does_not_swallow_the_next_request(
     dnsmasq.terminate()
     dnsmasq.wait(10)
 
-    restarted = math.floor(time.time())  # the replay's server_ts is this or later
     start_dnsmasq(lab, hook)
     wait_for(
         lambda: hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq") >= 1,
@@ -248,9 +245,12 @@ async def test_dnsmasq_restart_replay_does_not_swallow_the_next_request(
     # The real request, not the replay (which came before the client asked).
     assert renew.ts >= asked and renew.expires is not None and new.expires is not None
     assert renew.expires > new.expires, (new, renew)
-    # ...and it came within the retransmit window of the replay: the case that used to be lost.
+    # Whether this renewal lands within RETRANSMIT_SECONDS of the replay (the case that used to be
+    # lost) depends on how fast a loaded machine restarts dnsmasq and runs udhcpc, so it is not
+    # asserted here; tests/dhcp_hook/test_service.py::
+    # test_replay_of_a_known_lease_opens_no_retransmit_window pins that case with fixed server
+    # clocks (replay one second after the grant, renewal one second after the replay).
     assert renew.server_ts is not None
-    assert renew.server_ts - restarted <= RETRANSMIT_SECONDS, (renew.server_ts, restarted)
     lease = await bus_reader.lease(client.mac)
     assert lease is not None and lease.server_ts == renew.server_ts
     # dnsmasq marks that renewal DATA_MISSING too: the lease came from its file.

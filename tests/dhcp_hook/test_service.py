@@ -4,7 +4,6 @@ service is down, deduplication, ordering, bad input over the hook and over HTTP.
 from __future__ import annotations
 
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ async def test_hook_call_becomes_event_and_lease_map(
 
 
 @pytest.mark.parametrize("kind", HOOK_KINDS)
-async def test_service_down_hook_stays_fast_and_spool_delivers_once(
+async def test_service_down_hook_exits_zero_and_spool_delivers_once(
     kind: str, hook_service: HookService, bus_reader: Bus, tmp_path: Path
 ) -> None:
     hook = hook_service.wrapper(tmp_path, kind)
@@ -57,19 +56,18 @@ async def test_service_down_hook_stays_fast_and_spool_delivers_once(
         ["old", mac, "10.9.1.5", "pcx"],
         ["del", mac, "10.9.1.5", "pcx"],
     ]
-    times = []
     for i, args in enumerate(calls):
         # Distinct server clocks, as dnsmasq gives them (expires - remaining), in the past.
         now = int(time.time())
         env = {"DNSMASQ_LEASE_EXPIRES": str(now - 2 + i + 3600), "DNSMASQ_TIME_REMAINING": "3600"}
         if args[0] == "del":
             env = {"DNSMASQ_LEASE_EXPIRES": str(now + 3600)}  # time left: a release
-        code, seconds, err = run_hook(hook, args, env)
+        # The DHCP server is not held up: the hook spools and exits 0 (run_hook's 10 s subprocess
+        # timeout catches a hook that blocks); how fast it does so is measured by
+        # bench/dhcp_hook_bench.py ("service down (spool)"), not asserted here.
+        code, _, err = run_hook(hook, args, env)
         assert code == 0
         assert "spooled to" in err
-        times.append(seconds)
-    # The DHCP server is not held up (≤ 50 ms is the target; a loaded 2-core CI box gets slack).
-    assert statistics.median(times) < 0.2, times
     spooled = sorted(hook_service.spool.glob("*.lease"))
     assert len(spooled) == 3
     # A copy of one spool file (a re-delivery) must not produce a second event.
@@ -137,6 +135,49 @@ async def test_lease_file_replay_unknown_to_the_map_opens_no_retransmit_window(
     assert len(await bus_reader.lease_events(mac, 3, timeout=0.5)) == 2
     lease = await bus_reader.lease(mac)
     assert lease is not None and lease.server_ts == expires - 3600 + 1
+
+
+async def test_replay_of_a_known_lease_opens_no_retransmit_window(
+    hook_service: HookService, bus_reader: Bus, tmp_path: Path
+) -> None:
+    """The in-window case of tests/dhcp_hook/test_servers.py's dnsmasq restart test, with fixed
+    server clocks instead of a real restart racing the clock: a client leased (``add``), dnsmasq
+    restarts and replays that lease a second later (``old`` + DATA_MISSING, same expiry: skipped as
+    unchanged), and the client's real renewal one second after the replay (DATA_MISSING too, the
+    expiry moved) is published, not swallowed as a retransmit of the replay."""
+    hook = hook_service.wrapper(tmp_path)
+    mac = random_mac()
+    expires = 4000000000
+    granted = {**PXE_ENV, "DNSMASQ_LEASE_EXPIRES": str(expires), "DNSMASQ_TIME_REMAINING": "3600"}
+    assert run_hook(hook, ["add", mac, "10.9.2.7"], granted)[0] == 0
+    [new] = await bus_reader.lease_events(mac, 1)
+    assert new.server_ts == expires - 3600
+    before = hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq")
+    replay = {"DNSMASQ_DATA_MISSING": "1", "DNSMASQ_LEASE_EXPIRES": str(expires)}
+    replay["DNSMASQ_TIME_REMAINING"] = "3599"  # told one second after the grant
+    assert run_hook(hook, ["old", mac, "10.9.2.7"], replay)[0] == 0
+    wait_for(
+        lambda: (
+            hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq") > before
+        ),
+        30,
+        "the replay skipped as unchanged",
+    )
+    # The renewal: expiry moved, server clock one second after the replay, two after the grant.
+    renewal = {
+        **replay,
+        "DNSMASQ_LEASE_EXPIRES": str(expires + 2),
+        "DNSMASQ_TIME_REMAINING": "3600",
+    }
+    assert run_hook(hook, ["old", mac, "10.9.2.7"], renewal)[0] == 0
+    got = await bus_reader.lease_events(mac, 2)
+    assert [(e.lease_kind, e.server_ts) for e in got] == [
+        ("new", expires - 3600),
+        ("renew", expires - 3598),
+    ], got
+    assert hook_service.metric("nixboot_dhcp_retransmits_total", source="dnsmasq") == 0
+    lease = await bus_reader.lease(mac)
+    assert lease is not None and lease.server_ts == expires - 3598 and lease.from_lease_file
 
 
 @pytest.mark.parametrize("kind", HOOK_KINDS)
@@ -265,8 +306,10 @@ async def test_nats_down_service_spools_and_delivers_after_reconnect(
         hook = svc.wrapper(tmp_path, kind)
         mac = random_mac()
         own_nats.stop()
-        code, seconds, _ = run_hook(hook, ["add", mac, "10.9.6.6"], PXE_ENV)
-        assert code == 0 and seconds < 1.0  # the hook only talks to the service
+        # The hook only talks to the service, so NATS being down does not fail it (its latency
+        # is bench/dhcp_hook_bench.py's "service up" figure, not asserted here).
+        code, _, _ = run_hook(hook, ["add", mac, "10.9.6.6"], PXE_ENV)
+        assert code == 0
         # The hook spools before it sends (a crash of the service must not lose the call); the
         # service keeps that copy once NATS refuses it.
         assert list(svc.spool.glob("*.lease"))

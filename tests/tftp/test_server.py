@@ -271,7 +271,6 @@ def test_random_and_truncated_packets(tftp_root: Path) -> None:
     with running_server(tftp_root, default_timeout=0.2) as srv:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.settimeout(0.02)
-        started = time.monotonic()
 
         @settings(
             max_examples=300,
@@ -297,7 +296,8 @@ def test_random_and_truncated_packets(tftp_root: Path) -> None:
 
         fuzz()
         sock.close()
-        assert time.monotonic() - started < 60
+        # No wall-clock budget here: a hang is caught by pytest-timeout (timeout = 300 in the
+        # root pyproject.toml), and speed is a benchmark's business.
         assert srv.thread is not None and srv.thread.is_alive()
         assert raw_get(srv.port, "prog.0").data == (tftp_root / "prog.0").read_bytes()
 
