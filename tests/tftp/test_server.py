@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import socket
@@ -314,8 +315,16 @@ def test_half_open_transfers_do_not_starve_clients(tftp_root: Path, tmp_path: Pa
             if i % 100 == 0:
                 peak = max(peak, len(srv.server.sessions))
         out = tmp_path / "out"
-        r = atftp(srv.port, "prog.0", out, "blksize 1468")
-        assert r.returncode == 0, r.stderr
+        # PXE firmware restarts a failed transfer; so may this client, twice. On a loaded
+        # machine the flood's backlog can outlast one attempt's timeout (seen once in CI:
+        # atftp timed out, then found the transfer it finally got already given up).
+        failures = []
+        for _ in range(3):
+            r = atftp(srv.port, "prog.0", out, "blksize 1468")
+            if r.returncode == 0:
+                break
+            failures.append((r.stderr, dataclasses.asdict(srv.server.stats)))
+        assert r.returncode == 0, failures
         assert out.read_bytes() == (tftp_root / "prog.0").read_bytes()
         assert curl(srv.port, "prog.0").stdout == (tftp_root / "prog.0").read_bytes()
         assert peak <= 64
