@@ -1,7 +1,9 @@
-"""What the TFTP server answers beyond the files in its root: per-machine pxelinux menus rendered
-at request time, and generations' kernels/initrds from the Nix store.
+"""What the TFTP server answers beyond the files in its root: per-machine pxelinux menus (rendered
+when the machine's lease arrives, completed with a new boot id at request time, rendered afresh if
+its records changed since), and generations' kernels/initrds from the Nix store.
 
-Runs inside the TFTP loop, so it answers only from the local view (memory) and never waits on NATS.
+Runs inside the TFTP loop, so it answers only from the local view (memory) and never waits on NATS;
+``prepare`` alone runs on the asyncio thread.
 """
 
 from __future__ import annotations
