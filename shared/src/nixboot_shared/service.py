@@ -41,7 +41,7 @@ class ServiceContext:
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # What the HTTP server runs instead of the FastAPI app, if set: a raw ASGI front that
     # answers a service's hottest routes itself and hands everything else to the app.
-    front: Callable[[ASGIApp], ASGIApp] | None = None
+    front: ASGIApp | None = None
 
     def spawn(self, coro: Awaitable[Any], name: str) -> None:
         self.tasks.append(asyncio.ensure_future(coro))
@@ -70,6 +70,8 @@ class RequestMetrics:
 
     def __init__(self) -> None:
         # prometheus_client's labels() costs ~2 µs per call: keep the children per label set.
+        # (Keyed by the raw request: 0.2 µs less per request than metrics.labelled on the
+        # normalized labels, and this runs for every request of the cache's hot path.)
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def record(self, route: str, method: str, status: int, started: float) -> None:
@@ -252,9 +254,7 @@ async def _serve(name: str, cfg: Config, listen: HttpListen, setup: Setup) -> No
         if replay_bus is not None:
             await replay_bus.close()
         raise
-    serve, stop_server = _http_server(
-        ctx.front(app) if ctx.front is not None else app, listen, sock
-    )
+    serve, stop_server = _http_server(ctx.front if ctx.front is not None else app, listen, sock)
     # Everything made so far (modules, the app, routes, clients) lives as long as the service:
     # out of the collector's sight. A full collection otherwise walked it all and stopped every
     # thread for 33-73 ms several times per storm (measured in the cache, bench/storm N = 50),

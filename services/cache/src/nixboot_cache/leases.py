@@ -20,16 +20,31 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from nats.aio.client import Client
-
 from nixboot_shared import bus, events, subjects
 from nixboot_shared.config import Config
 
 log = logging.getLogger(__name__)
 
 # Decide what to warm for a lease (runs on the lease thread; must not touch main-loop objects
-# other than by reading), then hand it over: ``handoff(decide_result)`` runs on the main loop.
-Decide = Callable[[events.LeaseSeen, Any], Awaitable[Callable[[], None] | None]]
+# other than by reading), and return the handoff that starts it on the main loop.
+Handoff = Callable[[], None]
+Decide = Callable[[events.LeaseSeen, Any], Awaitable[Handoff | None]]
+
+
+def lease_handler(
+    decide: Decide, kv: Any, run: Callable[[Handoff], object]
+) -> Callable[[events.AnyEvent], Awaitable[None]]:
+    """The lease events' handler: decide where the event is read, then ``run`` the handoff
+    (on the main loop: from the lease thread, or at once in replay mode)."""
+
+    async def on_event(event: events.AnyEvent) -> None:
+        if not isinstance(event, events.LeaseSeen):
+            return
+        handoff = await decide(event, kv)
+        if handoff is not None:
+            run(handoff)
+
+    return on_event
 
 
 class LeaseThread:
@@ -43,7 +58,6 @@ class LeaseThread:
         self.name = name
         self.main_loop: asyncio.AbstractEventLoop | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.nc: Client | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
 
@@ -73,20 +87,15 @@ class LeaseThread:
     async def _main(self, ready: concurrent.futures.Future[None]) -> None:
         self._stopped = asyncio.Event()
         nc = await bus.connect(self.cfg.nats.url, self.name, settings=self.cfg.nats)
-        self.nc = nc
         try:
             js = nc.jetstream()
             kv = await js.key_value(subjects.KV_GENERATIONS)
 
-            async def on_event(event: events.AnyEvent) -> None:
-                if not isinstance(event, events.LeaseSeen):
-                    return
-                handoff = await self.decide(event, kv)
-                if handoff is not None:
-                    assert self.main_loop is not None
-                    # Raises once the main loop is closed: the event is nak'ed, not lost.
-                    self.main_loop.call_soon_threadsafe(handoff)
-
+            main_loop = self.main_loop
+            assert main_loop is not None
+            # call_soon_threadsafe raises once the main loop is closed: the event is nak'ed,
+            # not lost.
+            on_event = lease_handler(self.decide, kv, main_loop.call_soon_threadsafe)
             await bus.subscribe_events(
                 js, on_event, durable=self.durable, filter_subject=self.filter_subject
             )

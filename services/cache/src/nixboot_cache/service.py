@@ -33,7 +33,7 @@ from starlette.background import BackgroundTask
 
 from nixboot_cache import chain, metrics, narextract, nix32
 from nixboot_cache.bootfiles import UpstreamBootFiles
-from nixboot_cache.leases import LeaseThread
+from nixboot_cache.leases import LeaseThread, lease_handler
 from nixboot_cache.narcache import (
     InFlight,
     NarCache,
@@ -50,6 +50,7 @@ from nixboot_cache.timeline import setup_timeline
 from nixboot_cache.upstream import Upstream, UpstreamError, path_info
 from nixboot_cache.warm import Publish, Warmer
 from nixboot_shared import bus, events, menu, pins, security, subjects
+from nixboot_shared import metrics as shared_metrics
 from nixboot_shared.config import Config
 from nixboot_shared.records import Generation, Lease, MachineGenerations
 from nixboot_shared.service import ServiceContext, run
@@ -320,19 +321,12 @@ class CacheService:
 
         def handoff() -> None:
             metrics.LEASE_HANDOFF.observe(max(0.0, time.time() - decided))
-            self.start_warms(mac, mg, "lease", decided, remember=from_kv)
+            self.start_warms(mac, mg, decided, remember=from_kv)
 
         return handoff
 
-    async def warm_for_mac(self, mac: str, kv: KeyValue, trigger: str) -> None:
-        mg, from_kv = await self.generations_for_lease(mac, kv)
-        if mg is None:
-            log.info("lease of %s: no generations, nothing to warm", mac)
-            return
-        self.start_warms(mac, mg, trigger, time.time(), remember=from_kv)
-
     def start_warms(
-        self, mac: str, mg: MachineGenerations, trigger: str, decided: float, *, remember: bool
+        self, mac: str, mg: MachineGenerations, decided: float, *, remember: bool
     ) -> None:
         """On the main loop: warm the default and the newest generation's closures.
         ``remember``: ``mg`` was read from KV; the view keeps it unless the watch was faster."""
@@ -345,7 +339,7 @@ class CacheService:
             if g is not None and g.toplevel not in tops:
                 tops.append(g.toplevel)
         for top in tops:
-            task = self.warmer.warm(top, mac, trigger, decided=decided)
+            task = self.warmer.warm(top, mac, "lease", decided=decided)
             task.add_done_callback(_log_failure)
         if self.boot_files is not None:
             # Kernel and initrd are asked for right after the menu: have them out of their NARs.
@@ -463,30 +457,13 @@ def _regular_file_stat(path: str | os.PathLike[str]) -> os.stat_result | None:
     return st if stat.S_ISREG(st.st_mode) else None
 
 
-_REQUESTS: dict[tuple[str, str], Any] = {}
-
-
 def _count(kind: str, result: str) -> None:
-    """``nixboot_cache_requests_total{kind,result}`` + 1, with the labelled child kept (a
-    ``labels()`` call costs ~2 µs; kinds and results are a fixed set)."""
-    child = _REQUESTS.get((kind, result))
-    if child is None:
-        child = _REQUESTS[(kind, result)] = metrics.REQUESTS.labels(kind, result)
-    child.inc()
-
-
-_NAR_BYTES: dict[str, Any] = {}
+    shared_metrics.labelled(metrics.REQUESTS, kind, result).inc()
 
 
 def _count_nar(state: str, size: int) -> None:
-    child = _NAR_BYTES.get(state)
-    if child is None:
-        child = _NAR_BYTES[state] = (
-            metrics.NAR_SERVED.labels(state),
-            metrics.NAR_BYTES.labels(state),
-        )
-    child[0].inc()
-    child[1].inc(size)
+    shared_metrics.labelled(metrics.NAR_SERVED, state).inc()
+    shared_metrics.labelled(metrics.NAR_BYTES, state).inc(size)
 
 
 def _bad(kind: str, msg: str, status: int = 400) -> Response:
@@ -554,7 +531,7 @@ def answer_nar(svc: CacheService, name: str, method: str) -> Response:
             _count("nar", "200")
             if method == "HEAD":
                 return Response(media_type="application/x-nix-nar")
-            metrics.NAR_SERVED.labels("direct").inc()
+            shared_metrics.labelled(metrics.NAR_SERVED, "direct").inc()
             return StreamingResponse(
                 stream_direct(info.path),
                 media_type="application/x-nix-nar",
@@ -562,9 +539,9 @@ def answer_nar(svc: CacheService, name: str, method: str) -> Response:
     _count("nar", "200")
     if method == "HEAD":
         return Response(media_type="application/x-nix-nar")
-    metrics.NAR_SERVED.labels("streamed").inc()
+    shared_metrics.labelled(metrics.NAR_SERVED, "streamed").inc()
     fd = open_inflight(job)
-    streamed = metrics.NAR_BYTES.labels("streamed")
+    streamed = shared_metrics.labelled(metrics.NAR_BYTES, "streamed")
 
     async def body() -> object:
         async for chunk in stream_inflight(job, fd):
@@ -793,7 +770,7 @@ def main(cfg: Config) -> int:
         add_routes(app, svc)
         from nixboot_cache.hotpath import HotPath  # it builds on this module
 
-        ctx.front = lambda inner: HotPath(inner, svc)
+        ctx.front = HotPath(app, svc)
         kv = ctx.kv[subjects.KV_GENERATIONS]
         svc.lease_map = KvMirror(ctx.kv[subjects.KV_LEASES], bytes)
         ctx.spawn(svc.lease_map.run(), "leases-watch")
@@ -804,12 +781,7 @@ def main(cfg: Config) -> int:
         if cfg.replay_prefix:
             # Replay: leases come from the replay bus (ctx.js), never the live stream, so they
             # are taken on the main loop as they come (no storm to stay clear of).
-            async def on_event(event: events.AnyEvent) -> None:
-                if isinstance(event, events.LeaseSeen):
-                    handoff = await svc.decide_lease(event, kv)
-                    if handoff is not None:
-                        handoff()
-
+            on_event = lease_handler(svc.decide_lease, kv, lambda handoff: handoff())
             await bus.subscribe_events(
                 ctx.js, on_event, durable=warm_durable(cfg), filter_subject=LEASE_EVENTS
             )

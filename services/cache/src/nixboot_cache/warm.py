@@ -61,19 +61,19 @@ class Warmer:
         self,
         toplevel: str,
         mac: str | None,
-        trigger: str = "lease",
+        trigger: str,
         *,
-        decided: float | None = None,
+        decided: float,
     ) -> asyncio.Task[WarmResult]:
         """The warm of ``toplevel``: the running one if any, else a new one. ``decided``: when
-        the lease thread decided it (default: now)."""
+        the lease thread decided it, which is when the warm counts as started."""
         task = self._running.get(toplevel)
         if task is not None and not task.done():
             return task
         self.started += 1
-        # The warm starts now (its event says so), though the closure query runs in a thread.
-        started = time.time() if decided is None else decided
-        task = asyncio.ensure_future(self._warm(toplevel, mac, trigger, started))
+        # The warm starts when decided (its event says so), though the closure query runs in a
+        # thread.
+        task = asyncio.ensure_future(self._warm(toplevel, mac, trigger, decided))
         self._running[toplevel] = task
         task.add_done_callback(lambda _t: self._running.pop(toplevel, None))
         return task
