@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
@@ -14,6 +13,7 @@ from nats.aio.client import Client
 from nixboot_dhcp_hook import parse
 from nixboot_dhcp_hook.service import Recorder
 from nixboot_shared import bus, records, subjects
+from tests.dhcp_hook.conftest import Bus
 
 MAC = "52:54:00:aa:bb:01"
 
@@ -30,9 +30,9 @@ def change(ip: str, server_ts: float, kind: str = "new") -> parse.LeaseChange:
 
 
 async def stored(nc: Client) -> records.Lease:
-    kv = await nc.jetstream().key_value(subjects.KV_LEASES)
-    entry = await kv.get(subjects.mac_token(MAC))
-    return msgspec.json.decode(entry.value or b"", type=records.Lease)
+    lease = await Bus(nc).lease(MAC)
+    assert lease is not None
+    return lease
 
 
 async def lease_events(nc: Client) -> int:
@@ -58,5 +58,4 @@ async def test_other_instances_write_is_not_lost_to_a_remembered_revision(nc: Cl
     # The same change again (a spool copy re-delivered) is recognised from memory: no event.
     await a.record(change("10.0.0.3", 1020.0))
     assert await lease_events(nc) == 4
-    kv_ip = await kv.get(subjects.ip_key("10.0.0.3"))
-    assert kv_ip.value == subjects.mac_token(MAC).encode()
+    assert await Bus(nc).mac_of_ip("10.0.0.3") == subjects.mac_token(MAC)

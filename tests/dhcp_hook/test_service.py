@@ -20,6 +20,17 @@ PXE_ENV = {
     "DNSMASQ_LEASE_EXPIRES": "4000000000",
     "DNSMASQ_TIME_REMAINING": "3600",
 }
+UNCHANGED = "nixboot_dhcp_unchanged_leases_total"
+
+
+def tell_unchanged(
+    svc: HookService, hook: Path, argv: list[str], env: dict[str, str], what: str
+) -> None:
+    """Run the hook with a lease change the map already holds: the service skips it as
+    unchanged (counted), publishing nothing."""
+    before = svc.metric(UNCHANGED, source="dnsmasq")
+    assert run_hook(hook, argv, env)[0] == 0
+    wait_for(lambda: svc.metric(UNCHANGED, source="dnsmasq") > before, 30, f"{what} skipped")
 
 
 @pytest.mark.parametrize("kind", HOOK_KINDS)
@@ -122,16 +133,8 @@ async def test_lease_file_replay_unknown_to_the_map_opens_no_retransmit_window(
     assert [e.server_ts for e in got] == [expires - 3600, expires - 3600 + 1]
     assert hook_service.metric("nixboot_dhcp_retransmits_total", source="dnsmasq") == 0
     # dnsmasq restarted again: its file tells the lease as the map has it.
-    before = hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq")
     again = {**request, "DNSMASQ_TIME_REMAINING": "3000"}
-    assert run_hook(hook, ["old", mac, "10.9.2.9"], again)[0] == 0
-    wait_for(
-        lambda: (
-            hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq") > before
-        ),
-        10,
-        "the unchanged lease skipped",
-    )
+    tell_unchanged(hook_service, hook, ["old", mac, "10.9.2.9"], again, "the unchanged lease")
     assert len(await bus_reader.lease_events(mac, 3, timeout=0.5)) == 2
     lease = await bus_reader.lease(mac)
     assert lease is not None and lease.server_ts == expires - 3600 + 1
@@ -152,17 +155,9 @@ async def test_replay_of_a_known_lease_opens_no_retransmit_window(
     assert run_hook(hook, ["add", mac, "10.9.2.7"], granted)[0] == 0
     [new] = await bus_reader.lease_events(mac, 1)
     assert new.server_ts == expires - 3600
-    before = hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq")
     replay = {"DNSMASQ_DATA_MISSING": "1", "DNSMASQ_LEASE_EXPIRES": str(expires)}
     replay["DNSMASQ_TIME_REMAINING"] = "3599"  # told one second after the grant
-    assert run_hook(hook, ["old", mac, "10.9.2.7"], replay)[0] == 0
-    wait_for(
-        lambda: (
-            hook_service.metric("nixboot_dhcp_unchanged_leases_total", source="dnsmasq") > before
-        ),
-        30,
-        "the replay skipped as unchanged",
-    )
+    tell_unchanged(hook_service, hook, ["old", mac, "10.9.2.7"], replay, "the replay")
     # The renewal: expiry moved, server clock one second after the replay, two after the grant.
     renewal = {
         **replay,

@@ -62,19 +62,21 @@ def test_sh_hook_file_decodes_to_the_exact_call(shell: list[str], tmp_path: Path
 
 
 def test_sh_hook_takes_the_next_name_when_its_own_is_taken(tmp_path: Path) -> None:
+    """A file left under the hook's own first name (an earlier call with the same pid, the
+    service down) is never overwritten: the hook takes the next free name. `exec` keeps the
+    pid, so the name is taken before the hook runs."""
     spool = tmp_path / "spool"
     spool.mkdir()
-    # Names the hook's pid will likely have: it must not overwrite any of them.
-    taken = {spool / f"sh-{pid}-0.lease" for pid in range(300, 40000)}
-    for p in taken:
-        p.write_bytes(b"taken")
-    p = subprocess.run(["/bin/sh", str(SH_HOOK), "--spool-dir", str(spool), "add"], env={})
-    assert p.returncode == 0
-    new = set(spool.glob("*.lease")) - taken
-    assert all(t.read_bytes() == b"taken" for t in taken)
-    if new:  # the pid was outside the range: nothing to prove beyond no overwrite
-        [written] = new
-        assert parse.is_sh_payload(written.read_bytes())
+    script = 'printf taken > "$1/sh-$$-0.lease"; echo $$; exec /bin/sh "$2" --spool-dir "$1" add'
+    p = subprocess.run(
+        ["/bin/sh", "-c", script, "sh", str(spool), str(SH_HOOK)],
+        env={}, capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    pid = int(p.stdout)
+    assert (spool / f"sh-{pid}-0.lease").read_bytes() == b"taken"
+    assert {f.name for f in spool.glob("*.lease")} == {f"sh-{pid}-0.lease", f"sh-{pid}-1.lease"}
+    assert parse.is_sh_payload((spool / f"sh-{pid}-1.lease").read_bytes())
 
 
 def test_unfilled_template_follows_the_service_defaults(tmp_path: Path) -> None:
@@ -195,6 +197,7 @@ async def test_rejected_files_are_capped_to_the_newest(hook_service: HookService
     )
     kept = {p.name for p in rejected.iterdir()}
     assert len(kept) == REJECTED_KEEP
+    assert names[-1] in kept and names[0] not in kept  # the newest kept, the oldest gone
 
 
 def test_a_full_disk_loses_the_call_loudly_and_never_passes_a_partial_file(tmp_path: Path) -> None:
