@@ -13,7 +13,6 @@ import os
 import struct
 
 IN_CLOSE_WRITE = 0x00000008
-IN_MOVED_TO = 0x00000080
 IN_Q_OVERFLOW = 0x00004000  # events were lost: rescan the directory
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC

@@ -45,6 +45,12 @@ REJECTED_DIR = "rejected"  # inside the spool: malformed files, kept for a human
 REJECTED_KEEP = 100
 MAX_REMEMBERED = 100_000  # MAC keys whose last write this instance remembers
 
+
+def is_spool_name(name: str) -> bool:
+    """A hook call's spool file; ``.<name>.tmp`` files are still being written (and renamed)."""
+    return name.endswith(hook.SPOOL_SUFFIX) and not name.startswith(".")
+
+
 LEASE_CHANGES = Counter("nixboot_dhcp_lease_changes", "Lease changes recorded", ["source", "kind"])
 STALE = Counter(
     "nixboot_dhcp_stale_lease_changes",
@@ -401,7 +407,7 @@ class DhcpHookService:
         if not sep or not last.startswith(hook.SPOOLED_KEY):
             return payload, None
         name = last[len(hook.SPOOLED_KEY) :].decode(errors="replace")
-        if "/" in name or not name.endswith(hook.SPOOL_SUFFIX) or name.startswith("."):
+        if "/" in name or not is_spool_name(name):
             bad_input("socket", f"bad spool name {name[:60]!r} in a hook datagram")
             return head, None
         return head, self.spool_dir / name
@@ -506,7 +512,7 @@ class DhcpHookService:
         found = []
         try:
             for entry in os.scandir(self.spool_dir):
-                if entry.name.endswith(hook.SPOOL_SUFFIX) and not entry.name.startswith("."):
+                if is_spool_name(entry.name):
                     with contextlib.suppress(FileNotFoundError):
                         found.append((entry.stat().st_mtime_ns, entry.name))
         except OSError:
@@ -556,7 +562,7 @@ class DhcpHookService:
                 self.drain_now.set()
             for name in names:
                 # The Python hook and the service write `.<name>.tmp` and rename: not ours here.
-                if name.endswith(hook.SPOOL_SUFFIX) and not name.startswith("."):
+                if is_spool_name(name):
                     try:
                         self.queue.put_nowait(self.spool_dir / name)
                     except asyncio.QueueFull:
