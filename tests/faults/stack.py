@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -62,9 +61,7 @@ class FaultStack(Stack):
     def allocate_ports(self) -> None:
         super().allocate_ports()
         self.ports["cache-public"] = free_port() if self.relay else self.ports["cache"]
-        self.ports["tftp-public"] = (
-            free_port(socket.SOCK_DGRAM) if self.relay else self.ports["tftp-udp"]
-        )
+        self.ports["tftp-public"] = free_port() if self.relay else self.ports["tftp-udp"]
 
     @property
     def public_cache_url(self) -> str:
@@ -87,7 +84,7 @@ class FaultStack(Stack):
         """Put tests/faults/relay.py between clients and TFTP + the cache: clients use the
         relay's ports, and the services restart with menus naming the relay's HTTP port."""
         self.ports["cache-public"] = free_port()
-        self.ports["tftp-public"] = free_port(socket.SOCK_DGRAM)
+        self.ports["tftp-public"] = free_port()
         relay = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("relay.py")),
              "--udp", f"{self.ports['tftp-public']}:{self.ports['tftp-udp']}",

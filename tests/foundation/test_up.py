@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, tool
-from tests.harness.proc import SERVICES, OutputProc, write_up_config
+from tests.harness.proc import OutputProc, write_up_config
+from tests.harness.stack import SERVICES
 
 
 class Stack(OutputProc):

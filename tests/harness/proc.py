@@ -11,8 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-SERVICES = ("dhcp-hook", "tftp", "builder", "cache")
-
 
 class OutputProc:
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:

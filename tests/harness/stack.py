@@ -61,26 +61,28 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
+def free_port() -> int:
     """A loopback port free for TCP and UDP, outside the kernel's ephemeral range (so no
-    client's socket takes it before or between the runs of the service it is for). ``kind``
-    is kept for the callers that name one: the port is free for both."""
-    del kind
+    client's socket takes it before or between the runs of the service it is for)."""
     low, high = _port_range()
-    if high > low:
-        for _ in range(200):
-            port = _pick.randint(low, high)
-            if port not in _handed_out and _bindable(port):
-                _handed_out.add(port)
-                return port
-    # A machine whose ephemeral range starts very low: what the kernel hands out.
-    while True:
+    tries = (_pick.randint(low, high) for _ in range(200 if high > low else 0))
+    for port in tries:
+        if _take(port):
+            return port
+    while True:  # a machine whose ephemeral range starts very low: what the kernel hands out
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if port not in _handed_out and _bindable(port):
-            _handed_out.add(port)
+        if _take(port):  # checked once closed
             return port
+
+
+def _take(port: int) -> bool:
+    """Hand ``port`` out if it is free and was not handed out before."""
+    if port in _handed_out or not _bindable(port):
+        return False
+    _handed_out.add(port)
+    return True
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -155,7 +157,7 @@ class Stack:
 
     def allocate_ports(self) -> None:
         self.ports = {name: free_port() for name in (*SERVICES, "nats")}
-        self.ports["tftp-udp"] = free_port(socket.SOCK_DGRAM)
+        self.ports["tftp-udp"] = free_port()
 
     @property
     def public_cache_url(self) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -140,7 +139,7 @@ def write_config(tmp: Path) -> Path:
     path.write_text(
         f'state_dir = "{tmp / "live-state"}"\n'
         f'[cache.http]\nhost = "127.0.0.1"\nport = {free_port()}\n'
-        f'[tftp]\nhost = "127.0.0.1"\nport = {free_port(socket.SOCK_DGRAM)}\n'
+        f'[tftp]\nhost = "127.0.0.1"\nport = {free_port()}\n'
         f"[tftp.http]\nport = {free_port()}\n"
         "[timeline]\ntick_seconds = 0.2\nsettle_seconds = 0.5\n"
     )

@@ -28,7 +28,8 @@ import nixboot_dhcp_hook.hook
 from nixboot_shared import bus
 from nixboot_shared.config import NatsConfig
 from tests.conftest import free_port
-from tests.harness.proc import SERVICES, OutputProc, write_up_config
+from tests.harness.proc import OutputProc, write_up_config
+from tests.harness.stack import SERVICES
 
 from .natsauth import NatsWithConfig, Pki, Service, base_env, secret_file, user_nkey
 

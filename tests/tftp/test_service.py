@@ -37,7 +37,7 @@ NIX_CONFIG = "substituters =\nexperimental-features = nix-command flakes"
 class TftpService:
     def __init__(self, tmp: Path, nats_url: str, env: dict[str, str], fallback: str = "") -> None:
         self.state = tmp / "state"
-        self.port = free_port(kind=2)  # SOCK_DGRAM
+        self.port = free_port()
         self.http = free_port()
         env = {
             **env,
